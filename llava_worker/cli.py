@@ -1,0 +1,118 @@
+"""Command line of the worker: the original's flags → WorkerConfig → a running server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from llava_worker.config import WorkerConfig
+
+logger = logging.getLogger("llava_worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = WorkerConfig(model_path="")
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_worker",
+        description="Serve a LLaVA-family (or plain language) model to a LLaVA/FastChat controller.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default=defaults.host, help="address to listen on; 0.0.0.0 exposes it")
+    parser.add_argument("--port", type=int, default=defaults.port, help="port to listen on")
+    parser.add_argument(
+        "--worker-address",
+        default=defaults.worker_address,
+        help="URL at which the controller and clients reach this worker",
+    )
+    parser.add_argument("--controller-address", default=defaults.controller_address, help="URL of the controller")
+    parser.add_argument(
+        "--model-path",
+        default="facebook/opt-350m",
+        help="checkpoint directory or Hugging Face hub id (e.g. llava-hf/llava-1.5-7b-hf)",
+    )
+    parser.add_argument("--model-base", default=None, help="base model for LoRA / projector-only checkpoints")
+    parser.add_argument(
+        "--model-name", default=None, help="name announced to the controller (default: from --model-path)"
+    )
+    parser.add_argument(
+        "--device",
+        default=defaults.device,
+        choices=["cuda", "cpu", "mps"],
+        help="where to run the model; without CUDA/MPS the worker falls back to the CPU and says so",
+    )
+    parser.add_argument(
+        "--multi-modal",
+        action="store_true",
+        help="require image support (normally detected from the loaded model)",
+    )
+    parser.add_argument(
+        "--limit-model-concurrency",
+        type=int,
+        default=defaults.limit_model_concurrency,
+        help="generations that run at once; further requests wait in arrival order",
+    )
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=defaults.stream_interval,
+        help="send a chunk every N generated tokens",
+    )
+    parser.add_argument("--no-register", action="store_true", help="do not talk to the controller at all")
+    parser.add_argument("--load-8bit", action="store_true", help="quantize the language model to 8 bits")
+    parser.add_argument("--load-4bit", action="store_true", help="quantize the language model to 4 bits (NF4)")
+    parser.add_argument(
+        "--use-flash-attn", action="store_true", help="use FlashAttention-2 (needs the flash-attn package)"
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=defaults.heartbeat_interval,
+        help="seconds between heartbeats to the controller",
+    )
+    return parser
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
+    args = build_parser().parse_args(argv)
+    return WorkerConfig(
+        model_path=args.model_path,
+        host=args.host,
+        port=args.port,
+        worker_address=args.worker_address,
+        controller_address=args.controller_address,
+        model_base=args.model_base,
+        model_name=args.model_name,
+        device=args.device,
+        multi_modal=args.multi_modal,
+        limit_model_concurrency=args.limit_model_concurrency,
+        stream_interval=args.stream_interval,
+        no_register=args.no_register,
+        load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit,
+        use_flash_attn=args.use_flash_attn,
+        heartbeat_interval=args.heartbeat_interval,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = config_from_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Imported here so that `--help` and flag errors answer at once, without loading torch.
+    import uvicorn
+
+    from llava_worker.errors import StartupError
+    from llava_worker.loader import check_flags, load_model
+    from llava_worker.server import create_app
+    from llava_worker.worker import ModelWorker
+
+    try:
+        check_flags(config)
+        loaded = load_model(config)
+    except StartupError as exc:
+        print(f"llava-worker: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    worker = ModelWorker(config, loaded)
+    logger.info("serving %s on http://%s:%d", worker.model_name, config.host, config.port)
+    uvicorn.run(create_app(worker), host=config.host, port=config.port, log_level="info")

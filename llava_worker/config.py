@@ -1,0 +1,70 @@
+"""WorkerConfig: every setting of one worker process, defined once and passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+#: The original worker's hard cap on `max_new_tokens`, kept so clients see the same limits.
+MAX_NEW_TOKENS_CAP = 1024
+#: `max_new_tokens` when a request does not say.
+DEFAULT_MAX_NEW_TOKENS = 256
+#: Context length for a model whose config names none (the original's fallback).
+DEFAULT_CONTEXT_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of one worker process; built by the CLI, read everywhere else."""
+
+    model_path: str
+    """Local checkpoint directory or Hugging Face hub id."""
+    host: str = "localhost"
+    """Address the HTTP server binds to (the original's default keeps it private)."""
+    port: int = 21002
+    """Port the HTTP server binds to."""
+    worker_address: str = "http://localhost:21002"
+    """URL other hosts (the controller, clients) use to reach this worker."""
+    controller_address: str = "http://localhost:21001"
+    """URL of the LLaVA/FastChat controller."""
+    model_base: str | None = None
+    """Base model for LoRA / projector-only checkpoints."""
+    model_name: str | None = None
+    """Name announced to the controller; derived from `model_path` when absent."""
+    device: str = "cuda"
+    """`cuda`, `cpu` or `mps`."""
+    multi_modal: bool = False
+    """Force image support on even when the loaded model does not look multimodal."""
+    limit_model_concurrency: int = 5
+    """Generations that may run at once; the rest wait in arrival order."""
+    stream_interval: int = 1
+    """Send a chunk every this many generated tokens."""
+    no_register: bool = False
+    """Never talk to the controller."""
+    load_8bit: bool = False
+    """Quantize the language model to 8 bits with bitsandbytes."""
+    load_4bit: bool = False
+    """Quantize the language model to 4 bits (NF4) with bitsandbytes."""
+    use_flash_attn: bool = False
+    """Use FlashAttention-2 kernels (needs the `flash-attn` package)."""
+    heartbeat_interval: float = 15.0
+    """Seconds between heartbeats; also the retry period while the controller is unreachable."""
+    controller_timeout: float = 5.0
+    """Seconds before a controller call counts as failed."""
+
+    @property
+    def served_model_name(self) -> str:
+        """The name the worker announces: `--model-name`, else the original's path rule."""
+        if self.model_name:
+            return self.model_name
+        return model_name_from_path(self.model_path)
+
+
+def model_name_from_path(model_path: str) -> str:
+    """Last path component; a `checkpoint-N` component is prefixed with its parent's name."""
+    parts = PurePosixPath(model_path.rstrip("/")).parts
+    if not parts:
+        return model_path
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]

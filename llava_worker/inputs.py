@@ -1,0 +1,71 @@
+"""Turns a prompt and its images into model inputs: validation, image-token mapping, tokenisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llava_worker.errors import ImageError, plural
+from llava_worker.images import decode_image
+from llava_worker.loader import LoadedModel
+
+#: The placeholder clients put in the prompt, one per image (LLaVA's convention).
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class PreparedInputs:
+    """Tensors for `model.generate` / a forward pass, already on the model's device."""
+
+    tensors: dict[str, Any]
+    """`input_ids`, `attention_mask` and, with images, `pixel_values` (+ `image_sizes`)."""
+    prompt_tokens: int
+    """Length of `input_ids`, image tokens included: what the prompt takes of the context."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        ids: torch.Tensor = self.tensors["input_ids"]
+        return ids
+
+
+def prepare_inputs(loaded: LoadedModel, prompt: str, encoded_images: tuple[str, ...]) -> PreparedInputs:
+    """Validates the images against the prompt and builds the model's inputs.
+
+    Raises ImageError when images are given to a model that takes none, when their number differs
+    from the number of `<image>` placeholders, or when one cannot be decoded.
+    """
+    placeholders = prompt.count(IMAGE_PLACEHOLDER)
+    if encoded_images and not loaded.takes_images:
+        raise ImageError(
+            f"this model does not accept images, but the request has {plural(len(encoded_images), 'image')}"
+        )
+    if loaded.takes_images and len(encoded_images) != placeholders:
+        raise ImageError(
+            f"{plural(len(encoded_images), 'image')} given, but the prompt has "
+            f"{plural(placeholders, IMAGE_PLACEHOLDER + ' placeholder')}"
+        )
+
+    if loaded.processor is None:
+        encoded = loaded.tokenizer(prompt, return_tensors="pt")
+        tensors = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    else:
+        images = [decode_image(data, index) for index, data in enumerate(encoded_images)]
+        text = prompt
+        image_token = loaded.image_token
+        if image_token and image_token != IMAGE_PLACEHOLDER:
+            # Each model family has its own marker (InternVL: <IMG_CONTEXT>); clients always send <image>.
+            text = text.replace(IMAGE_PLACEHOLDER, image_token)
+        try:
+            encoded = loaded.processor(text=[text], images=images or None, return_tensors="pt")
+        except (ValueError, OSError) as exc:
+            raise ImageError(f"the images could not be prepared for the model: {exc}") from None
+        tensors = dict(encoded)
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(loaded.device)
+            if value.is_floating_point():
+                value = value.to(loaded.dtype)
+            tensors[name] = value
+    return PreparedInputs(tensors=tensors, prompt_tokens=int(tensors["input_ids"].shape[-1]))

@@ -1,0 +1,221 @@
+"""Turns a checkpoint (local directory or hub id) into a LoadedModel ready to generate."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+from llava_worker.config import DEFAULT_CONTEXT_LENGTH, WorkerConfig
+from llava_worker.errors import StartupError
+
+logger = logging.getLogger(__name__)
+
+#: Config fields that name a model's context length, most specific first.
+_CONTEXT_LENGTH_FIELDS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions")
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed to turn requests into its inputs and its output into text."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    processor: Any | None
+    """The multimodal processor; None for a text-only model."""
+    takes_images: bool
+    context_length: int
+    device: torch.device
+    """Where inputs go (the device of the first layers when the model is spread over several)."""
+    dtype: torch.dtype
+
+    @property
+    def image_token(self) -> str | None:
+        """The placeholder the processor expands into image tokens (`<image>` for LLaVA)."""
+        if self.processor is None:
+            return None
+        return getattr(self.processor, "image_token", None)
+
+
+def check_flags(config: WorkerConfig) -> None:
+    """Refuses impossible flag combinations before anything heavy is loaded."""
+    if config.load_8bit and config.load_4bit:
+        raise StartupError("--load-8bit and --load-4bit cannot be used together; choose one")
+    if (config.load_8bit or config.load_4bit) and importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--load-8bit" if config.load_8bit else "--load-4bit"
+        raise StartupError(f"{flag} needs bitsandbytes: pip install 'llava-worker[quant]'")
+    if config.use_flash_attn and importlib.util.find_spec("flash_attn") is None:
+        raise StartupError("--use-flash-attn needs the flash-attn package: pip install flash-attn")
+    if config.device not in ("cuda", "cpu", "mps"):
+        raise StartupError(f"--device must be cuda, cpu or mps, not {config.device!r}")
+    if config.limit_model_concurrency < 1:
+        raise StartupError("--limit-model-concurrency must be at least 1")
+    if config.stream_interval < 1:
+        raise StartupError("--stream-interval must be at least 1")
+    if config.model_base is not None:
+        raise StartupError(
+            "--model-base (LoRA and projector-only checkpoints in the original LLaVA layout) "
+            "is not supported by this version"
+        )
+
+
+def resolve_device(requested: str) -> torch.device:
+    """The device to use; falls back to the CPU, with a log line, when the accelerator is absent."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        logger.warning("--device cuda was requested but CUDA is not available; running on the CPU")
+        return torch.device("cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        logger.warning("--device mps was requested but MPS is not available; running on the CPU")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def load_model(config: WorkerConfig) -> LoadedModel:
+    """Loads the checkpoint named by `config.model_path` as the flags ask."""
+    check_flags(config)
+    device = resolve_device(config.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    model_config = _load_config(config.model_path)
+    is_vlm = _is_vision_language(model_config)
+    if config.multi_modal and not is_vlm:
+        raise StartupError(
+            f"--multi-modal was given, but {config.model_path} (model_type "
+            f"{model_config.model_type!r}) is not a vision-language model that transformers can load"
+        )
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    # "auto" spreads a model over every visible GPU; elsewhere everything goes on the one device.
+    kwargs["device_map"] = "auto" if device.type == "cuda" else {"": device}
+    if config.use_flash_attn:
+        kwargs["attn_implementation"] = "flash_attention_2"
+    quantization = _quantization_config(config, model_config, is_vlm, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+
+    try:
+        if is_vlm:
+            processor = AutoProcessor.from_pretrained(config.model_path)
+            tokenizer = processor.tokenizer
+            model = AutoModelForImageTextToText.from_pretrained(config.model_path, **kwargs)
+        else:
+            processor = None
+            tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+            model = AutoModelForCausalLM.from_pretrained(config.model_path, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise StartupError(f"cannot load {config.model_path}: {_one_line(exc)}") from exc
+    model.eval()
+
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        processor=processor,
+        takes_images=is_vlm,
+        context_length=context_length_of(model_config),
+        device=model.device,
+        dtype=dtype,
+    )
+    logger.info(
+        "loaded %s (%s, %s, %s on %s, context %d tokens, images: %s)",
+        config.model_path,
+        type(model).__name__,
+        "8-bit" if config.load_8bit else "4-bit" if config.load_4bit else str(dtype).removeprefix("torch."),
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
+        loaded.device,
+        loaded.context_length,
+        "yes" if loaded.takes_images else "no",
+    )
+    return loaded
+
+
+def context_length_of(model_config: PretrainedConfig) -> int:
+    """The longest sequence the language model was built for."""
+    text_config = model_config.get_text_config()
+    for source in (text_config, model_config):
+        for field in _CONTEXT_LENGTH_FIELDS:
+            value = getattr(source, field, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return DEFAULT_CONTEXT_LENGTH
+
+
+def _load_config(model_path: str) -> PretrainedConfig:
+    if not os.path.isdir(model_path) and _looks_local(model_path):
+        raise StartupError(f"--model-path {model_path} does not exist")
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except Exception as exc:  # the hub client raises many types; all mean "cannot use this path"
+        where = "a local directory" if os.path.isdir(model_path) else "a model on the Hugging Face hub"
+        raise StartupError(f"--model-path {model_path} is not usable as {where}: {_one_line(exc)}") from exc
+
+
+def _looks_local(model_path: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else can only mean a local path."""
+    return (
+        model_path.startswith(("/", ".", "~"))
+        or model_path.count("/") > 1
+        or os.path.exists(model_path)
+        or "\\" in model_path
+    )
+
+
+def _is_vision_language(model_config: PretrainedConfig) -> bool:
+    """Decided from the checkpoint's own config, not from its name."""
+    return model_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(
+        model_config, "vision_config"
+    )
+
+
+def _quantization_config(
+    config: WorkerConfig, model_config: PretrainedConfig, is_vlm: bool, dtype: torch.dtype
+) -> BitsAndBytesConfig | None:
+    if not (config.load_8bit or config.load_4bit):
+        return None
+    # Giving a skip list replaces bitsandbytes' default, so lm_head has to be named again; the vision
+    # tower and projector stay in full precision, as the original keeps them.
+    skip = ["lm_head", *(_non_language_modules(model_config) if is_vlm else [])]
+    if config.load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+        llm_int8_skip_modules=skip,
+    )
+
+
+def _non_language_modules(model_config: PretrainedConfig) -> list[str]:
+    """Full paths of a VLM's modules other than its language model (vision tower, projector, ...).
+
+    Found by building the model on the meta device, which allocates nothing, so this works for any
+    architecture without a table of module names.
+    """
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(model_config)
+    base_name, base = next(iter(skeleton.named_children()))
+    return [
+        f"{base_name}.{name}"
+        for name, _ in base.named_children()
+        if name != "language_model" and not name.startswith("lm_head")
+    ]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 400 else text[:397] + "..."

@@ -1,0 +1,91 @@
+"""The wire format of PROTOCOL.md: request parameters, stream chunks and status, with their encoding."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llava_worker.config import DEFAULT_MAX_NEW_TOKENS
+from llava_worker.errors import InvalidRequestError
+
+#: What the original sends when the prompt leaves no room for new tokens (with error_code 0).
+EXCEEDS_CONTEXT_TEXT = "Exceeds max token length. Please start a new conversation, thanks."
+#: Separates chunks of `/worker_generate_stream`; clients split on it and skip empty pieces.
+CHUNK_DELIMITER = b"\0"
+#: Temperatures at or below this mean greedy decoding, as in the original.
+GREEDY_TEMPERATURE = 1e-3
+
+
+class _GenerateRequestBody(BaseModel):
+    """`POST /worker_generate_stream` as it arrives; strict so wrong JSON types are refused."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    images: list[str] | None = None
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
+    stop: str | list[str] | None = None
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """One generation request, validated; the inside of the worker sees only this."""
+
+    prompt: str
+    images: tuple[str, ...] = ()
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= GREEDY_TEMPERATURE
+
+
+def parse_generate_params(body: bytes) -> GenerateParams:
+    """Decode and validate a request body; raises InvalidRequestError naming what is wrong."""
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"request body must be a JSON object, not {type(raw).__name__}")
+    try:
+        request = _GenerateRequestBody.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidRequestError(describe_validation_error(exc)) from None
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    return GenerateParams(
+        prompt=request.prompt,
+        images=tuple(request.images or ()),
+        temperature=request.temperature,
+        top_p=request.top_p,
+        max_new_tokens=request.max_new_tokens,
+        stop=tuple(s for s in stop if s),
+    )
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One readable line per problem, naming the field: `'top_p': Input should be ...`."""
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+        problems.append(f"'{location}': {error['msg']}")
+    return "invalid request: " + "; ".join(dict.fromkeys(problems))
+
+
+def encode_chunk(text: str, error_code: int = 0) -> bytes:
+    """One stream chunk, serialised exactly as the original worker does."""
+    return json.dumps({"text": text, "error_code": error_code}).encode() + CHUNK_DELIMITER
+
+
+def worker_status(model_name: str, queue_length: int) -> dict[str, Any]:
+    """Body of `/worker_get_status` and of the status sent at registration."""
+    return {"model_names": [model_name], "speed": 1, "queue_length": queue_length}

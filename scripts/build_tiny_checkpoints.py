@@ -1,0 +1,28 @@
+"""Build the tiny random-weight test checkpoints into a directory and print their paths."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Let the script run from a plain checkout, without installing the package first.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from llava_worker.tiny_checkpoints import build_all  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir", type=Path, help="directory that receives one folder per checkpoint")
+    parser.add_argument("--force", action="store_true", help="rebuild checkpoints that already exist")
+    args = parser.parse_args(argv)
+    for name, path in build_all(args.out_dir, force=args.force).items():
+        print(f"{name}\t{path.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
