@@ -1,0 +1,120 @@
+"""Unit tests of the pure parts: text accumulation with stop strings, the admission gate, the wire codec."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import pytest
+
+from llava_worker.admission import AdmissionGate
+from llava_worker.errors import InvalidRequestError
+from llava_worker.protocol import encode_chunk, parse_generate_params, worker_status
+from llava_worker.text import TextAccumulator
+from llava_worker.tiny_checkpoints import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _feed(accumulator: TextAccumulator, ids: list[int]) -> list[str]:
+    seen = []
+    for token in ids:
+        accumulator.add([token])
+        seen.append(accumulator.visible_text())
+    return seen
+
+
+def test_accumulated_text_equals_a_full_decode(tokenizer):
+    ids = tokenizer("The little boat sails across the sea at night.", add_special_tokens=False)["input_ids"]
+    accumulator = TextAccumulator(tokenizer)
+    seen = _feed(accumulator, ids)
+    assert accumulator.final_text() == tokenizer.decode(ids)
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen))
+
+
+def test_incomplete_utf8_is_held_back(tokenizer):
+    ids = tokenizer("café ☕ ok", add_special_tokens=False)["input_ids"]
+    accumulator = TextAccumulator(tokenizer)
+    seen = _feed(accumulator, ids)
+    assert all("\ufffd" not in text for text in seen)
+    assert accumulator.final_text() == "café ☕ ok"
+
+
+@pytest.mark.parametrize("stop", ["sea", "oat sa", "t.", "boat sails across"])
+def test_stop_string_is_cut_and_never_shown(tokenizer, stop):
+    text = "The little boat sails across the sea at night. More after."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    accumulator = TextAccumulator(tokenizer, (stop, "never-there"))
+    seen = _feed(accumulator, ids)
+    assert accumulator.stopped
+    assert accumulator.final_text() == text[: text.find(stop)]
+    assert all(stop not in shown for shown in seen)
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen))
+
+
+def test_a_partial_stop_string_is_released_when_it_does_not_complete(tokenizer):
+    accumulator = TextAccumulator(tokenizer, ("sea monster",))
+    _feed(accumulator, tokenizer("across the sea at", add_special_tokens=False)["input_ids"])
+    assert not accumulator.stopped
+    assert accumulator.final_text() == "across the sea at"
+
+
+def test_gate_admits_in_arrival_order_and_counts():
+    async def scenario() -> None:
+        gate = AdmissionGate(2)
+        first, second = await gate.acquire(), await gate.acquire()
+        order: list[int] = []
+
+        async def wait(n: int) -> None:
+            slot = await gate.acquire()
+            order.append(n)
+            await asyncio.sleep(0)
+            slot.release()
+
+        waiters = [asyncio.create_task(wait(n)) for n in range(4)]
+        await asyncio.sleep(0.01)
+        assert (gate.running, gate.waiting, gate.queue_length) == (2, 4, 6)
+        waiters[1].cancel()  # a client that gives up its place in line
+        await asyncio.sleep(0.01)
+        assert gate.queue_length == 5
+        first.release()
+        first.release()  # idempotent
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert order == [0, 2, 3]
+        second.release()
+        assert (gate.running, gate.waiting) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_chunks_are_encoded_as_the_original_does():
+    assert encode_chunk("héllo", 0) == b'{"text": "h\\u00e9llo", "error_code": 0}\x00'
+    assert json.loads(encode_chunk("x", 1)[:-1]) == {"text": "x", "error_code": 1}
+    assert worker_status("m", 3) == {"model_names": ["m"], "speed": 1, "queue_length": 3}
+
+
+def test_parameters_have_the_originals_defaults_and_stop_may_be_a_list():
+    params = parse_generate_params(b'{"prompt": "hi"}')
+    assert (params.temperature, params.top_p, params.max_new_tokens, params.stop, params.images) == (
+        1.0,
+        1.0,
+        256,
+        (),
+        (),
+    )
+    assert not params.greedy
+    assert parse_generate_params(b'{"prompt": "hi", "temperature": 0.001}').greedy
+    assert parse_generate_params(b'{"prompt": "hi", "stop": ["a", "b"]}').stop == ("a", "b")
+    assert parse_generate_params(b'{"prompt": "hi", "temperature": 1}').temperature == 1.0
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"prompt": 3}', b'{"prompt": "x", "max_new_tokens": 2.5}', b'{"prompt": "x", "max_new_tokens": true}']
+)
+def test_wrong_json_types_are_refused(body):
+    with pytest.raises(InvalidRequestError):
+        parse_generate_params(body)
