@@ -7,7 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from llava_worker.config import WorkerConfig
+from llava_worker.config import WorkerConfig, validate_config
+from llava_worker.errors import StartupError
 
 logger = logging.getLogger("llava_worker")
 
@@ -99,20 +100,22 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
 def main(argv: Sequence[str] | None = None) -> None:
     config = config_from_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Imported here so that `--help` and flag errors answer at once, without loading torch.
-    import uvicorn
-
-    from llava_worker.errors import StartupError
-    from llava_worker.loader import check_flags, load_model
-    from llava_worker.server import create_app
-    from llava_worker.worker import ModelWorker
-
     try:
-        check_flags(config)
+        # Checked before torch is imported, so impossible flags are refused at once.
+        validate_config(config)
+        # Imported here so that `--help` and flag errors answer without loading torch.
+        from llava_worker.loader import load_model
+
         loaded = load_model(config)
     except StartupError as exc:
         print(f"llava-worker: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+    import uvicorn
+
+    from llava_worker.server import create_app
+    from llava_worker.worker import ModelWorker
+
     worker = ModelWorker(config, loaded)
     logger.info("serving %s on http://%s:%d", worker.model_name, config.host, config.port)
     uvicorn.run(create_app(worker), host=config.host, port=config.port, log_level="info")

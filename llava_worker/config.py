@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+
+from llava_worker.errors import StartupError
 
 #: The original worker's hard cap on `max_new_tokens`, kept so clients see the same limits.
 MAX_NEW_TOKENS_CAP = 1024
@@ -61,10 +63,36 @@ class WorkerConfig:
 
 
 def model_name_from_path(model_path: str) -> str:
-    """Last path component; a `checkpoint-N` component is prefixed with its parent's name."""
-    parts = PurePosixPath(model_path.rstrip("/")).parts
-    if not parts:
-        return model_path
+    """The original's rule: the last `/`-separated component (one trailing `/` dropped); a
+    `checkpoint-N` component is prefixed with its parent's name."""
+    parts = model_path.removesuffix("/").split("/")
     if parts[-1].startswith("checkpoint-") and len(parts) > 1:
         return f"{parts[-2]}_{parts[-1]}"
     return parts[-1]
+
+
+def validate_config(config: WorkerConfig) -> None:
+    """Refuses impossible settings before anything heavy is imported or loaded.
+
+    Raises StartupError with one line that names the flag.
+    """
+    if config.load_8bit and config.load_4bit:
+        raise StartupError("--load-8bit and --load-4bit cannot be used together; choose one")
+    if (config.load_8bit or config.load_4bit) and importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--load-8bit" if config.load_8bit else "--load-4bit"
+        raise StartupError(f"{flag} needs bitsandbytes: pip install 'llava-worker[quant]'")
+    if config.use_flash_attn and importlib.util.find_spec("flash_attn") is None:
+        raise StartupError("--use-flash-attn needs the flash-attn package: pip install flash-attn")
+    if config.device not in ("cuda", "cpu", "mps"):
+        raise StartupError(f"--device must be cuda, cpu or mps, not {config.device!r}")
+    if config.limit_model_concurrency < 1:
+        raise StartupError("--limit-model-concurrency must be at least 1")
+    if config.stream_interval < 1:
+        raise StartupError("--stream-interval must be at least 1")
+    if config.heartbeat_interval <= 0:
+        raise StartupError("--heartbeat-interval must be positive")
+    if config.model_base is not None:
+        raise StartupError(
+            "--model-base (LoRA and projector-only checkpoints in the original LLaVA layout) "
+            "is not supported by this version"
+        )

@@ -120,7 +120,9 @@ class ControllerLink:
             response = await self._client.post(url, json=body)
             response.raise_for_status()
             answer = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+        except Exception as exc:
+            # Not only httpx.HTTPError: a malformed address raises httpx.InvalidURL or an ExceptionGroup,
+            # which would end the link for good (and resurface from stop()); keep retrying instead.
             if self._reachable is not False:
                 logger.warning("controller at %s is unreachable (%s); will keep retrying", url, exc)
             self._reachable = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from llava_worker.config import DEFAULT_CONTEXT_LENGTH, WorkerConfig
+from llava_worker.config import DEFAULT_CONTEXT_LENGTH, WorkerConfig, validate_config
 from llava_worker.errors import StartupError
 
 logger = logging.getLogger(__name__)
@@ -53,28 +52,6 @@ class LoadedModel:
         return getattr(self.processor, "image_token", None)
 
 
-def check_flags(config: WorkerConfig) -> None:
-    """Refuses impossible flag combinations before anything heavy is loaded."""
-    if config.load_8bit and config.load_4bit:
-        raise StartupError("--load-8bit and --load-4bit cannot be used together; choose one")
-    if (config.load_8bit or config.load_4bit) and importlib.util.find_spec("bitsandbytes") is None:
-        flag = "--load-8bit" if config.load_8bit else "--load-4bit"
-        raise StartupError(f"{flag} needs bitsandbytes: pip install 'llava-worker[quant]'")
-    if config.use_flash_attn and importlib.util.find_spec("flash_attn") is None:
-        raise StartupError("--use-flash-attn needs the flash-attn package: pip install flash-attn")
-    if config.device not in ("cuda", "cpu", "mps"):
-        raise StartupError(f"--device must be cuda, cpu or mps, not {config.device!r}")
-    if config.limit_model_concurrency < 1:
-        raise StartupError("--limit-model-concurrency must be at least 1")
-    if config.stream_interval < 1:
-        raise StartupError("--stream-interval must be at least 1")
-    if config.model_base is not None:
-        raise StartupError(
-            "--model-base (LoRA and projector-only checkpoints in the original LLaVA layout) "
-            "is not supported by this version"
-        )
-
-
 def resolve_device(requested: str) -> torch.device:
     """The device to use; falls back to the CPU, with a log line, when the accelerator is absent."""
     if requested == "cuda" and not torch.cuda.is_available():
@@ -88,7 +65,7 @@ def resolve_device(requested: str) -> torch.device:
 
 def load_model(config: WorkerConfig) -> LoadedModel:
     """Loads the checkpoint named by `config.model_path` as the flags ask."""
-    check_flags(config)
+    validate_config(config)
     device = resolve_device(config.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     model_config = _load_config(config.model_path)

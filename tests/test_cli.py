@@ -1,0 +1,309 @@
+"""`python -m llava_worker` as a real process: flags, start-up errors, end to end with FastChat's controller."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import torch
+
+from llava_worker.cli import config_from_args
+from llava_worker.config import model_name_from_path
+
+from .conftest import PROMPT_1, TEXT_PROMPT, encode_image, free_port, stream_chunks, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+#: Importing torch and transformers on a busy two-core machine takes a while; this bounds it.
+START_WITHIN = 240.0
+#: A worker asked to stop (SIGINT/SIGTERM) must be gone by then.
+EXIT_WITHIN = 30.0
+
+ORIGINAL_FLAGS = [
+    "--host",
+    "--port",
+    "--worker-address",
+    "--controller-address",
+    "--model-path",
+    "--model-base",
+    "--model-name",
+    "--device",
+    "--multi-modal",
+    "--limit-model-concurrency",
+    "--stream-interval",
+    "--no-register",
+    "--load-8bit",
+    "--load-4bit",
+    "--use-flash-attn",
+]
+
+
+def worker_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llava_worker", *args]
+
+
+def worker_env() -> dict[str, str]:
+    # Local checkpoints only: never wait on the network.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+class WorkerProcess:
+    """One `python -m llava_worker` on 127.0.0.1, its stderr kept in a file."""
+
+    def __init__(self, args: list[str], log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = log_dir / f"worker-{self.port}.err"
+        command = worker_command("--host", "127.0.0.1", "--port", str(self.port), "--worker-address", self.url, *args)
+        with open(self.stderr_path, "wb") as stderr, open(log_dir / f"worker-{self.port}.out", "wb") as stdout:
+            self.process = subprocess.Popen(command, cwd=REPO, env=worker_env(), stdout=stdout, stderr=stderr)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def _check_running(self) -> None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the worker exited with {self.process.returncode}:\n{self.stderr()}")
+
+    def _answers(self) -> bool:
+        self._check_running()
+        try:
+            requests.post(self.url + "/worker_get_status", timeout=2)
+        except requests.RequestException:
+            return False
+        return True
+
+    def wait_serving(self) -> WorkerProcess:
+        wait_until(self._answers, START_WITHIN, "the worker to serve", interval=0.2)
+        return self
+
+    def wait_listed(self, controller: Any, name: str) -> None:
+        def listed() -> bool:
+            self._check_running()
+            return name in controller.list_models()
+
+        wait_until(listed, START_WITHIN, f"the controller to list {name}", interval=0.2)
+
+    def status(self) -> dict[str, Any]:
+        answer: dict[str, Any] = requests.post(self.url + "/worker_get_status", timeout=10).json()
+        return answer
+
+    def stop(self, sig: signal.Signals) -> int:
+        """Sends `sig` and returns the exit status; fails if the process outlives EXIT_WITHIN."""
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=EXIT_WITHIN)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker did not exit within {EXIT_WITHIN} s of {sig.name}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts worker processes; whatever is still running at the end is killed."""
+    started: list[WorkerProcess] = []
+
+    def start(*args: str) -> WorkerProcess:
+        worker = WorkerProcess(list(args), tmp_path)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+def assert_clean_exit(worker: WorkerProcess, sig: signal.Signals) -> None:
+    code = worker.stop(sig)
+    stderr = worker.stderr()
+    assert "Traceback" not in stderr, stderr
+    # uvicorn shuts down gracefully on either signal; dying of the signal itself is fine too.
+    assert code in (0, -sig), f"exit status {code}\n{stderr}"
+    assert "Finished server process" in stderr
+
+
+def heartbeats_logged(tmp_path: Path, controller: Any, worker_url: str) -> int:
+    """Heartbeats FastChat's controller logged from `worker_url` (its log is kept under tmp_path)."""
+    log = tmp_path / f"controller-{controller.port}.out"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return len(re.findall(rf"Receive heart beat\. {re.escape(worker_url)}$", text, re.MULTILINE))
+
+
+def test_help_lists_every_original_flag():
+    result = subprocess.run(
+        worker_command("--help"), cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in [*ORIGINAL_FLAGS, "--heartbeat-interval"]:
+        assert re.search(rf"(^|[\s,]){re.escape(flag)}\b", result.stdout), f"{flag} missing from --help"
+    assert "Traceback" not in result.stderr
+
+
+def test_defaults_are_the_originals():
+    config = config_from_args(["--model-path", "/models/llava-v1.5-7b"])
+    assert (config.host, config.port) == ("localhost", 21002)
+    assert config.worker_address == "http://localhost:21002"
+    assert config.controller_address == "http://localhost:21001"
+    assert config.device == "cuda"
+    assert (config.limit_model_concurrency, config.stream_interval) == (5, 1)
+    assert not (config.no_register or config.multi_modal or config.load_8bit or config.load_4bit)
+    assert not config.use_flash_attn
+    assert config.model_base is None and config.model_name is None
+    assert config.served_model_name == "llava-v1.5-7b"
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/models/llava-v1.5-7b", "llava-v1.5-7b"),
+        ("/models/llava-v1.5-7b/", "llava-v1.5-7b"),
+        ("llava-hf/llava-1.5-7b-hf", "llava-1.5-7b-hf"),
+        ("/runs/llava-lora/checkpoint-1200", "llava-lora_checkpoint-1200"),
+        ("/runs/llava-lora/checkpoint-1200/", "llava-lora_checkpoint-1200"),
+        ("runs/my-run/checkpoint-7", "my-run_checkpoint-7"),
+        ("/runs/checkpoint-3/final", "final"),
+    ],
+)
+def test_model_name_from_path(path, name):
+    assert model_name_from_path(path) == name
+
+
+def test_model_name_flag_wins_over_the_path():
+    config = config_from_args(["--model-path", "/runs/x/checkpoint-5", "--model-name", "custom"])
+    assert config.served_model_name == "custom"
+
+
+IMPOSSIBLE = {
+    "8bit-and-4bit": (["--load-8bit", "--load-4bit"], "--load-8bit and --load-4bit"),
+    "flash-attn-missing": (["--use-flash-attn"], "--use-flash-attn"),
+    "missing-path": (["--model-path", "/nonexistent/dir"], "/nonexistent/dir"),
+    "multi-modal-text-only": (["--multi-modal"], "--multi-modal"),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """Runs every impossible command line at once (each pays for importing torch): name → (status, stderr)."""
+    log_dir = tmp_path_factory.mktemp("refused")
+    text_only = str(checkpoints["text-only"])
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    results: dict[str, tuple[int, str]] = {}
+    try:
+        for name, (flags, _) in IMPOSSIBLE.items():
+            # The text-only checkpoint unless the case names its own path; it cannot be the problem.
+            args = ["--model-path", text_only, *flags] if "--model-path" not in flags else flags
+            command = worker_command(*args, "--device", "cpu", "--no-register", "--port", str(free_port()))
+            with open(log_dir / f"{name}.err", "wb") as stderr:
+                processes[name] = subprocess.Popen(
+                    command, cwd=REPO, env=worker_env(), stdout=subprocess.DEVNULL, stderr=stderr
+                )
+        for name, process in processes.items():
+            try:
+                code = process.wait(timeout=START_WITHIN)
+            except subprocess.TimeoutExpired:
+                code = -999  # still running: it did not refuse; reported by the test
+            results[name] = (code, (log_dir / f"{name}.err").read_text(errors="replace"))
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    return results
+
+
+@pytest.mark.parametrize("case", list(IMPOSSIBLE))
+def test_impossible_flags_end_with_one_clear_line(case, refused):
+    if case == "flash-attn-missing" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    code, stderr = refused[case]
+    assert code != -999, f"the worker did not stop within {START_WITHIN} s:\n{stderr}"
+    assert code != 0
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("llava-worker: error:")]
+    assert len(errors) == 1, stderr
+    assert IMPOSSIBLE[case][1] in errors[0]
+    assert stderr.strip().splitlines()[-1] == errors[0]  # the last word is the reason
+
+
+def test_end_to_end_with_fastchat_controller(checkpoints, start_controller, launch, tmp_path):
+    controller = start_controller()
+    worker = launch(
+        "--model-path",
+        str(checkpoints["llava-1.5"]),
+        "--device",
+        "cpu",
+        "--controller-address",
+        controller.url,
+        "--heartbeat-interval",
+        "1",
+    )
+    name = "tiny-llava-1.5"
+    worker.wait_listed(controller, name)
+    address = controller.worker_address(name)
+    assert address == worker.url
+
+    body = {"model": name, "prompt": PROMPT_1, "images": [encode_image(1)], "temperature": 0, "max_new_tokens": 8}
+    chunks = stream_chunks(address, body)
+    assert chunks and all(chunk["error_code"] == 0 for chunk in chunks), chunks
+    assert all(chunk["text"].startswith(PROMPT_1) for chunk in chunks)
+    assert len(chunks[-1]["text"]) > len(PROMPT_1)
+    # The slot goes back once the generation thread has ended, a moment after the last chunk.
+    wait_until(lambda: worker.status()["queue_length"] == 0, 5, "the worker to be idle")
+    assert worker.status() == {"model_names": [name], "speed": 1, "queue_length": 0}
+    wait_until(lambda: heartbeats_logged(tmp_path, controller, worker.url) >= 2, 10, "heartbeats every second")
+
+    assert_clean_exit(worker, signal.SIGINT)
+
+
+def test_model_name_flag_is_announced(checkpoints, start_controller, launch):
+    controller = start_controller()
+    worker = launch(
+        "--model-path",
+        str(checkpoints["text-only"]),
+        "--model-name",
+        "custom",
+        "--device",
+        "cpu",
+        "--controller-address",
+        controller.url,
+        "--heartbeat-interval",
+        "1",
+    )
+    worker.wait_listed(controller, "custom")
+    assert controller.list_models() == ["custom"]
+    assert controller.worker_address("custom") == worker.url
+    assert worker.status()["model_names"] == ["custom"]
+    assert_clean_exit(worker, signal.SIGTERM)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing to fall back from")
+def test_device_cuda_without_a_gpu_falls_back_to_the_cpu(checkpoints, launch, tmp_path):
+    # Served from a `checkpoint-N` directory, so the announced name follows the original's rule.
+    run_dir = tmp_path / "my-run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint-7").symlink_to(checkpoints["text-only"], target_is_directory=True)
+    worker = launch("--model-path", str(run_dir / "checkpoint-7"), "--device", "cuda", "--no-register")
+    worker.wait_serving()
+    stderr = worker.stderr()
+    assert "Traceback" not in stderr, stderr
+    assert re.search(r"WARNING .*--device cuda was requested but CUDA is not available; running on the CPU", stderr)
+    assert re.search(r"loaded .* on cpu,", stderr), stderr
+
+    assert worker.status() == {"model_names": ["my-run_checkpoint-7"], "speed": 1, "queue_length": 0}
+    body = {"model": "my-run_checkpoint-7", "prompt": TEXT_PROMPT, "temperature": 0, "max_new_tokens": 8}
+    chunks = stream_chunks(worker.url, body)
+    assert chunks and all(chunk["error_code"] == 0 for chunk in chunks), chunks
+    assert chunks[-1]["text"].startswith(TEXT_PROMPT) and len(chunks[-1]["text"]) > len(TEXT_PROMPT)
+    assert_clean_exit(worker, signal.SIGTERM)
