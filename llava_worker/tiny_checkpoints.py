@@ -26,6 +26,8 @@ from transformers import (
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -44,8 +46,10 @@ __all__ = [
     "MARKER_FILE",
     "PATCH_SIZE",
     "build_all",
+    "build_benchmark_llama",
     "build_llava15",
     "build_llava_next",
+    "build_sliding_window",
     "build_text_only",
     "build_tokenizer",
     "chat_template",
@@ -75,6 +79,7 @@ CHECKPOINT_DIRS = {
     "llava-1.5": "tiny-llava-1.5",
     "llava-next": "tiny-llava-next",
     "text-only": "tiny-text-only",
+    "sliding-window": "tiny-sliding-window",
 }
 MARKER_FILE = "TINY_CHECKPOINT_COMPLETE"
 # Bump whenever the built checkpoints change, so caches built by older code are rebuilt.
@@ -328,10 +333,57 @@ def build_text_only(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     return _save(Path(out_dir), model, tokenizer)
 
 
+def build_sliding_window(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
+    """Build a tiny Mistral whose sliding-window attention gives a KV cache that cannot be batched."""
+    tokenizer = build_tokenizer(seed, with_images=False)
+    base = _text_config(tokenizer).to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    config = MistralConfig(
+        **{key: base[key] for key in keep},
+        num_key_value_heads=base["num_key_value_heads"],
+        max_position_embeddings=MAX_POSITIONS,
+        # Shorter than the prompts the tests send, so the window really slides.
+        sliding_window=16,
+        initializer_range=INITIALIZER_RANGE,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config)
+    _finish_model(model, tokenizer)
+    return _save(Path(out_dir), model, tokenizer)
+
+
+def build_benchmark_llama(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
+    """Build the benchmark's random Llama: hidden 512, 8 layers, about 21 M parameters."""
+    tokenizer = build_tokenizer(seed, with_images=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        initializer_range=INITIALIZER_RANGE,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    _finish_model(model, tokenizer)
+    return _save(Path(out_dir), model, tokenizer)
+
+
 _BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava-1.5": build_llava15,
     "llava-next": build_llava_next,
     "text-only": build_text_only,
+    "sliding-window": build_sliding_window,
 }
 
 

@@ -13,11 +13,13 @@ from typing import Any
 from llava_worker.admission import AdmissionGate, Slot
 from llava_worker.config import MAX_NEW_TOKENS_CAP, WorkerConfig
 from llava_worker.controller import ControllerLink
+from llava_worker.engine import Engine, RequestHandle
 from llava_worker.errors import WorkerError
-from llava_worker.generation import Generation, GenerationOutput
+from llava_worker.generation import GenerationOutput
 from llava_worker.inputs import prepare_inputs
 from llava_worker.loader import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, encode_chunk, worker_status
+from llava_worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class ModelWorker:
         self.worker_addr = config.worker_address
         self.model_name = config.served_model_name
         self.gate = AdmissionGate(config.limit_model_concurrency)
+        # The gate lets at most `limit` requests into the engine, so they all decode in one batch.
+        self.engine = Engine(loaded, max_batch=config.limit_model_concurrency)
         self.controller: ControllerLink | None = None
         if not config.no_register:
             self.controller = ControllerLink(
@@ -56,13 +60,15 @@ class ModelWorker:
             )
 
     async def start(self) -> None:
-        """Starts registration and heartbeats in the background (no-op with `--no-register`)."""
+        """Starts the engine, and registration and heartbeats in the background (unless `--no-register`)."""
+        self.engine.start()
         if self.controller is not None:
             await self.controller.start()
 
     async def stop(self) -> None:
         if self.controller is not None:
             await self.controller.stop()
+        await asyncio.to_thread(self.engine.stop)
 
     async def register_to_controller(self) -> bool:
         """Registers once now; the background task keeps it registered afterwards."""
@@ -93,44 +99,59 @@ class ModelWorker:
             yield StreamChunk(params.prompt + EXCEEDS_CONTEXT_TEXT, finish_reason="length")
             return
 
-        slot = await self.gate.acquire()
-        generation: Generation | None = None
+        # The queue grows now; tell the controller soon (the heartbeat runs on its own task).
+        self._notify_controller()
         try:
-            generation = Generation(
-                self.loaded,
+            slot = await self.gate.acquire()
+        except asyncio.CancelledError:
+            self._notify_controller()  # gave up while waiting: the queue shrank again
+            raise
+        handle: RequestHandle | None = None
+        try:
+            handle = self.engine.submit(
                 inputs,
-                params,
+                self._sampling(params),
+                params.stop,
                 max_new_tokens,
                 self.config.stream_interval,
                 on_done=lambda final: self._finish(slot, request_id, inputs.prompt_tokens, started, final),
             )
-            generation.start()
-            self._notify_controller()
             sent = None
-            async for output in generation.outputs():
+            async for output in handle.outputs():
                 if output.error is not None:
                     raise output.error
                 text = params.prompt + output.text
-                if text != sent or (output.finished and sent is None):
+                # The final output always goes out, even with no new text, for its finish reason.
+                if text != sent or output.finished:
                     sent = text
                     yield StreamChunk(text, output.completion_tokens, output.finish_reason)
         finally:
-            if generation is None:
+            if handle is None:
                 slot.release()
             else:
-                # On disconnect this stops the thread within a token; the thread then frees the slot.
-                generation.cancel()
+                # On disconnect this takes the request out of the batch at the next token boundary;
+                # the engine then frees the slot.
+                handle.cancel()
+
+    def _sampling(self, params: GenerateParams) -> SamplingParams:
+        if params.greedy:
+            return SamplingParams()
+        return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=self.engine.default_top_k)
 
     async def generate_stream_gate(self, params: GenerateParams, request_id: str) -> AsyncIterator[bytes]:
         """The wire bytes of `generate_stream`; any failure becomes one final error chunk."""
+        previous = None
         try:
             async for chunk in self.generate_stream(params, request_id):
-                yield encode_chunk(chunk.text)
+                # The wire carries only text, so a final chunk that adds none would be a repeat.
+                if chunk.text != previous:
+                    previous = chunk.text
+                    yield encode_chunk(chunk.text)
         except Exception as exc:
             yield encode_chunk(describe_failure(exc, request_id), error_code=1)
 
     def _finish(self, slot: Slot, request_id: str, prompt_tokens: int, started: float, final: GenerationOutput) -> None:
-        """Runs when a generation thread has ended, however it ended: frees its slot and logs it."""
+        """Runs when a request has left the engine, however it ended: frees its slot and logs it."""
         slot.release()
         self._notify_controller()
         outcome = "error" if final.error is not None else final.finish_reason

@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 import uvicorn
+from PIL import Image
 
 from llava_worker.config import WorkerConfig
 from llava_worker.loader import LoadedModel, load_model
@@ -208,3 +210,56 @@ def start_controller(tmp_path: Path) -> Iterator[Callable[..., Controller]]:
     yield start
     for controller in started:
         controller.stop()
+
+
+def reference_tokens(loaded: LoadedModel, prompt: str, images: list[str], max_new_tokens: int) -> list[int]:
+    """What `model.generate` gives greedily for the same prompt and images, computed in the test."""
+    pil = [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in images]
+    if loaded.processor is not None:
+        inputs = loaded.processor(text=[prompt], images=pil or None, return_tensors="pt")
+    else:
+        inputs = loaded.tokenizer(prompt, return_tensors="pt")
+    model: Any = loaded.model
+    with torch.inference_mode():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    tokens: list[int] = output[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens
+
+
+def reference_text(loaded: LoadedModel, prompt: str, images: list[str], max_new_tokens: int) -> str:
+    tokens = reference_tokens(loaded, prompt, images, max_new_tokens)
+    return str(loaded.tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def greedy(prompt: str, images: list[str] | None = None, max_new_tokens: int = 24, **extra: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": "m",
+        "prompt": prompt,
+        "temperature": 0,
+        "max_new_tokens": max_new_tokens,
+    }
+    if images is not None:
+        payload["images"] = images
+    payload.update(extra)
+    return payload
+
+
+class StreamingClient(threading.Thread):
+    """A client that reads a stream until told to hang up."""
+
+    def __init__(self, url: str, payload: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.payload = url, payload
+        self.chunks: list[dict[str, Any]] = []
+        self.hang_up = threading.Event()
+        self.response: requests.Response | None = None
+
+    def run(self) -> None:
+        with requests.post(self.url + "/worker_generate_stream", json=self.payload, stream=True, timeout=60) as r:
+            self.response = r
+            for chunk in r.iter_lines(delimiter=b"\0"):
+                if chunk:
+                    self.chunks.append(json.loads(chunk))
+                if self.hang_up.is_set():
+                    break
+        # Leaving the `with` closes the connection: the worker sees a disconnect.

@@ -3,53 +3,28 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
-import threading
 import time
 from typing import Any
 
 import pytest
 import requests
-import torch
-from PIL import Image
 
 from llava_worker.loader import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT
 
-from .conftest import PROMPT_1, PROMPT_2, TEXT_PROMPT, encode_image, wait_until
-
-
-def reference_tokens(loaded: LoadedModel, prompt: str, images: list[str], max_new_tokens: int) -> list[int]:
-    """What `model.generate` gives greedily for the same prompt and images, computed in the test."""
-    pil = [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in images]
-    if loaded.processor is not None:
-        inputs = loaded.processor(text=[prompt], images=pil or None, return_tensors="pt")
-    else:
-        inputs = loaded.tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        output = loaded.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-    tokens: list[int] = output[0, inputs["input_ids"].shape[1] :].tolist()
-    return tokens
-
-
-def reference_text(loaded: LoadedModel, prompt: str, images: list[str], max_new_tokens: int) -> str:
-    tokens = reference_tokens(loaded, prompt, images, max_new_tokens)
-    return str(loaded.tokenizer.decode(tokens, skip_special_tokens=True))
-
-
-def greedy(prompt: str, images: list[str] | None = None, max_new_tokens: int = 24, **extra: Any) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "model": "m",
-        "prompt": prompt,
-        "temperature": 0,
-        "max_new_tokens": max_new_tokens,
-    }
-    if images is not None:
-        payload["images"] = images
-    payload.update(extra)
-    return payload
+from .conftest import (
+    PROMPT_1,
+    PROMPT_2,
+    TEXT_PROMPT,
+    StreamingClient,
+    encode_image,
+    greedy,
+    reference_text,
+    reference_tokens,
+    wait_until,
+)
 
 
 def test_wire_format_is_nul_delimited_json_that_only_grows(start_worker):
@@ -172,14 +147,14 @@ def test_max_new_tokens_is_capped_at_the_room_left(start_worker, caplog):
     with caplog.at_level(logging.INFO, logger="llava_worker.worker"):
         chunks = worker.generate(greedy(prompt, max_new_tokens=1000))
         expected_log = f"length, {prompt_tokens} prompt tokens, {room} new tokens"
-        # The request's log line is written once its thread has ended, a moment after the last chunk.
+        # The request's log line is written once it has left the engine, a moment after the last chunk.
         wait_until(lambda: any(expected_log in r.message for r in caplog.records), 10, "the request log")
     assert chunks[-1]["text"] == prompt + reference_text(loaded, prompt, [], room)
 
 
 def _pieces(loaded: LoadedModel, tokens: list[int]) -> list[str]:
     """The text each token adds, as a streaming client sees it."""
-    texts = [loaded.tokenizer.decode(tokens[:i], skip_special_tokens=True) for i in range(len(tokens) + 1)]
+    texts = [str(loaded.tokenizer.decode(tokens[:i], skip_special_tokens=True)) for i in range(len(tokens) + 1)]
     return [texts[i + 1][len(texts[i]) :] for i in range(len(tokens))]
 
 
@@ -192,9 +167,7 @@ def test_stop_string_inside_a_token_and_across_tokens(start_worker):
     pieces = _pieces(loaded, tokens)
     starts = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
     # A stop string that lies strictly inside one token, and one that spans two; each the first of its kind.
-    inside = next(
-        p[1:3] for i, p in enumerate(pieces) if i >= 2 and len(p) >= 4 and full.find(p[1:3]) == starts[i] + 1
-    )
+    inside = next(p[1:3] for i, p in enumerate(pieces) if i >= 2 and len(p) >= 4 and full.find(p[1:3]) == starts[i] + 1)
     across = next(
         stop
         for i in range(2, len(pieces) - 1)
@@ -246,46 +219,44 @@ def test_malformed_requests_get_a_clear_error(start_worker, body, message):
     assert chunks[0]["text"].startswith(message), chunks[0]["text"]
 
 
-def test_a_failing_generation_thread_ends_the_stream_at_once(start_worker, monkeypatch):
+def _inject_failure(monkeypatch, model, should_fail) -> None:
+    """Makes the model's forward pass raise whenever `should_fail(input_ids)` says so."""
+    original = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if should_fail(kwargs["input_ids"]):
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+
+
+def test_a_failing_decode_step_ends_the_stream_at_once(start_worker, monkeypatch):
     worker = start_worker("text-only")
-    model = worker.worker.loaded.model
-
-    def failing_generate(**kwargs: Any) -> None:
-        streamer = kwargs["streamer"]
-        streamer.put(kwargs["input_ids"])
-        streamer.put(torch.tensor([42]))
-        raise RuntimeError("injected failure")
-
-    monkeypatch.setattr(model, "generate", failing_generate)
+    _inject_failure(monkeypatch, worker.worker.loaded.model, lambda ids: ids.shape[1] == 1)
     started = time.monotonic()
     chunks = worker.generate(greedy(TEXT_PROMPT), timeout=10)
     assert time.monotonic() - started < 5  # not the 15 s streamer timeout of the original
-    assert chunks[-1]["error_code"] == 1
-    assert "generation failed: RuntimeError: injected failure" in chunks[-1]["text"]
+    assert chunks[-1] == {"text": "generation failed: RuntimeError: injected failure", "error_code": 1}
     monkeypatch.undo()
     assert worker.generate(greedy(TEXT_PROMPT))[-1]["error_code"] == 0
-    assert worker.status()["queue_length"] == 0
+    wait_until(lambda: worker.status()["queue_length"] == 0, 10, "the slot to come back")
 
 
-class _Streamer(threading.Thread):
-    """A client that reads a stream until told to hang up."""
-
-    def __init__(self, url: str, payload: dict[str, Any]) -> None:
-        super().__init__(daemon=True)
-        self.url, self.payload = url, payload
-        self.chunks: list[dict[str, Any]] = []
-        self.hang_up = threading.Event()
-        self.response: requests.Response | None = None
-
-    def run(self) -> None:
-        with requests.post(self.url + "/worker_generate_stream", json=self.payload, stream=True, timeout=60) as r:
-            self.response = r
-            for chunk in r.iter_lines(delimiter=b"\0"):
-                if chunk:
-                    self.chunks.append(json.loads(chunk))
-                if self.hang_up.is_set():
-                    break
-        # Leaving the `with` closes the connection: the worker sees a disconnect.
+def test_a_failing_prefill_ends_only_its_own_request(start_worker, monkeypatch):
+    worker = start_worker("text-only")
+    loaded = worker.worker.loaded
+    doomed = "USER: this one fails. ASSISTANT:"
+    doomed_length = len(loaded.tokenizer(doomed)["input_ids"])
+    assert doomed_length != len(loaded.tokenizer(TEXT_PROMPT)["input_ids"])
+    _inject_failure(monkeypatch, loaded.model, lambda ids: ids.shape[1] == doomed_length)
+    survivor = StreamingClient(worker.url, greedy(TEXT_PROMPT, max_new_tokens=200))
+    survivor.start()
+    wait_until(lambda: len(survivor.chunks) >= 3, 20, "the first request to be decoding")
+    failed = worker.generate(greedy(doomed))
+    survivor.join(timeout=60)
+    assert failed == [{"text": "generation failed: RuntimeError: injected failure", "error_code": 1}]
+    assert survivor.chunks[-1]["text"] == TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 200)
 
 
 def _long_request() -> dict[str, Any]:
@@ -294,7 +265,7 @@ def _long_request() -> dict[str, Any]:
 
 def test_concurrency_limit_and_queue_length_while_requests_wait(start_worker):
     worker = start_worker("text-only", limit_model_concurrency=2)
-    clients = [_Streamer(worker.url, _long_request()) for _ in range(4)]
+    clients = [StreamingClient(worker.url, _long_request()) for _ in range(4)]
     for client in clients:
         client.start()
     gate = worker.worker.gate
@@ -310,7 +281,7 @@ def test_concurrency_limit_and_queue_length_while_requests_wait(start_worker):
 
 def test_disconnect_mid_stream_frees_the_slot_and_stops_generating(start_worker, caplog):
     worker = start_worker("text-only", limit_model_concurrency=1)
-    client = _Streamer(worker.url, _long_request())
+    client = StreamingClient(worker.url, _long_request())
     with caplog.at_level(logging.INFO, logger="llava_worker.worker"):
         client.start()
         wait_until(lambda: len(client.chunks) >= 3, 20, "the first chunks")

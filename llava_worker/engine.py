@@ -1,0 +1,287 @@
+"""Engine: owns the model and runs one decode loop for every active request (iteration-level batching)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from llava_worker.batch import DecodeBatch, is_mergeable
+from llava_worker.errors import GenerationError, OutOfMemoryError, WorkerError
+from llava_worker.generation import GenerationOutput, RequestStream
+from llava_worker.inputs import PreparedInputs
+from llava_worker.loader import LoadedModel
+from llava_worker.sampling import SamplingParams, next_tokens
+from llava_worker.text import TextAccumulator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Request:
+    """A submitted request and its decoding state, owned by the engine thread once submitted."""
+
+    inputs: PreparedInputs
+    sampling: SamplingParams
+    max_new_tokens: int
+    stream_interval: int
+    accumulator: TextAccumulator
+    stream: RequestStream
+    on_done: Callable[[GenerationOutput], None]
+    loop: asyncio.AbstractEventLoop
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    last_token: int = -1
+    generated: int = 0
+    finish_reason: str | None = None
+    """Set once the request has ended by itself (`stop` or `length`)."""
+
+
+class RequestHandle:
+    """The asyncio side of one submitted request: its outputs, and a way to stop it."""
+
+    def __init__(self, request: _Request, engine: Engine) -> None:
+        self._request = request
+        self._engine = engine
+
+    def cancel(self) -> None:
+        """Stops the request at the next token boundary; safe to call any number of times."""
+        self._request.cancelled.set()
+        self._engine.wake()
+
+    def outputs(self) -> Any:
+        """Async iterator of snapshots, ending with the one that has a finish reason or an error."""
+        return self._request.stream.outputs()
+
+
+class Engine:
+    """Runs every admitted request in one decode loop on a dedicated thread.
+
+    Each loop iteration (1) takes newly submitted requests and prefills them one by one, images
+    included, merging each into the running batch, (2) drops requests that finished or were cancelled,
+    freeing their cache rows, and (3) runs one forward pass that gives every remaining request its
+    next token. Requests thus join and leave at token boundaries while the others keep decoding.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_batch: int) -> None:
+        self._loaded = loaded
+        self._model: Any = loaded.model
+        self._max_batch = max_batch
+        self._submitted: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._eos = _eos_token_ids(loaded)
+        self.default_top_k = int(getattr(self._model.generation_config, "top_k", 0) or 0)
+        """top-k that `generate` would apply when sampling (from the model's generation config)."""
+        self._mergeable: bool | None = None
+        self.steps = 0
+        """Decode steps run so far (for tests and metrics)."""
+        self.peak_batch = 0
+        """Most requests that have decoded together in one step."""
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Ends the loop after the current step; requests still running get an error."""
+        if self._thread is not None:
+            self._submitted.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        """Nudges an idle loop (e.g. to notice a cancellation); harmless when busy."""
+        self._submitted.put(_WAKE)
+
+    def submit(
+        self,
+        inputs: PreparedInputs,
+        sampling: SamplingParams,
+        stop: tuple[str, ...],
+        max_new_tokens: int,
+        stream_interval: int,
+        on_done: Callable[[GenerationOutput], None],
+    ) -> RequestHandle:
+        """Queues a request; call from the event loop. `on_done` runs there once it has left the engine."""
+        if not self.alive:
+            raise GenerationError("the generation engine is not running")
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            inputs=inputs,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            stream_interval=stream_interval,
+            accumulator=TextAccumulator(self._loaded.tokenizer, stop),
+            stream=RequestStream(loop),
+            on_done=on_done,
+            loop=loop,
+        )
+        self._submitted.put(request)
+        return RequestHandle(request, self)
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        waiting: deque[_Request] = deque()
+        active: list[_Request] = []
+        batch = DecodeBatch(self._loaded.device)
+        with torch.inference_mode():
+            while True:
+                try:
+                    if not self._iterate(waiting, active, batch):
+                        break
+                except Exception as exc:
+                    # A bug here must not strand requests: fail the ones in hand and keep serving.
+                    logger.exception("the engine loop failed; failing its current requests")
+                    self._fail_all(active, GenerationError(f"internal engine error: {type(exc).__name__}: {exc}"))
+                    batch.reset()
+        self._fail_all([*active, *waiting], GenerationError("the worker is shutting down"))
+
+    def _iterate(self, waiting: deque[_Request], active: list[_Request], batch: DecodeBatch) -> bool:
+        """One turn of the loop; False when the engine is asked to stop."""
+        # 1. Collect submissions; block only when there is nothing else to do.
+        if not self._collect(waiting, block=not active and not waiting):
+            return False
+        # 2. Prefill newcomers while there is room; each joins the batch with its first token.
+        while waiting and len(active) < self._room():
+            request = waiting.popleft()
+            if request.cancelled.is_set():
+                self._finish(request, GenerationOutput(finish_reason="cancelled"))
+            elif self._prefill(request, batch):
+                active.append(request)
+        # 3. Drop requests that are done; their cache rows go with them.
+        keep = [row for row, request in enumerate(active) if not self._settle(request)]
+        if len(keep) != len(active):
+            batch.keep(keep)
+            active[:] = [active[row] for row in keep]
+        # 4. One forward pass: the next token of every active request.
+        if active:
+            self._decode_step(active, batch)
+        return True
+
+    def _fail_all(self, requests: list[_Request], error: WorkerError) -> None:
+        for request in requests:
+            self._finish(request, GenerationOutput(completion_tokens=request.generated, error=error))
+        requests.clear()
+
+    def _room(self) -> int:
+        return 1 if self._mergeable is False else self._max_batch
+
+    def _collect(self, waiting: deque[_Request], block: bool) -> bool:
+        """Moves submitted requests into `waiting`; False when the engine is asked to stop."""
+        try:
+            item = self._submitted.get() if block else self._submitted.get_nowait()
+            while True:
+                if item is None:
+                    return False
+                if item is not _WAKE:
+                    waiting.append(item)
+                item = self._submitted.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _prefill(self, request: _Request, batch: DecodeBatch) -> bool:
+        """Runs the prompt (and its images) alone, picks the first token and merges the request in."""
+        try:
+            cache = DynamicCache(config=self._model.config)
+            output = self._model(**request.inputs.tensors, cache=cache, use_cache=True, logits_to_keep=1)
+            if self._mergeable is None:
+                self._mergeable = is_mergeable(cache)
+                if not self._mergeable:
+                    logger.warning(
+                        "this model's KV cache (%s) cannot be batched; requests will run one at a time",
+                        ", ".join(sorted({type(layer).__name__ for layer in cache.layers})),
+                    )
+            token = self._choose(output.logits[:, -1, :], [request])[0]
+        except Exception as exc:
+            self._finish(request, GenerationOutput(error=_as_worker_error(exc)))
+            return False
+        batch.add(cache, request.inputs.prompt_tokens)
+        self._accept(request, token)
+        return True
+
+    def _decode_step(self, active: list[_Request], batch: DecodeBatch) -> None:
+        try:
+            output = self._model(**batch.step_inputs([r.last_token for r in active]), logits_to_keep=1)
+            tokens = self._choose(output.logits[:, -1, :], active)
+        except Exception as exc:
+            # A failed step leaves the shared cache in an unknown state: every request in it fails.
+            self._fail_all(active, _as_worker_error(exc))
+            batch.reset()
+            return
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(active))
+        for request, token in zip(active, tokens, strict=True):
+            self._accept(request, token)
+
+    def _choose(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
+        return next_tokens(logits.float(), [r.sampling for r in requests], [None] * len(requests))
+
+    def _accept(self, request: _Request, token: int) -> None:
+        """Records one generated token; publishes text every `stream_interval` tokens."""
+        request.last_token = token
+        if token in self._eos:
+            request.finish_reason = "stop"
+            return
+        request.generated += 1
+        request.accumulator.add([token])
+        if request.accumulator.stopped:
+            request.finish_reason = "stop"
+        elif request.generated >= request.max_new_tokens:
+            request.finish_reason = "length"
+        elif request.generated % request.stream_interval == 0:
+            request.stream.publish(
+                GenerationOutput(text=request.accumulator.visible_text(), completion_tokens=request.generated)
+            )
+
+    def _settle(self, request: _Request) -> bool:
+        """Finishes the request if it is done or cancelled; True when it must leave the batch."""
+        reason = request.finish_reason or ("cancelled" if request.cancelled.is_set() else None)
+        if reason is None:
+            return False
+        text = request.accumulator.final_text()
+        self._finish(request, GenerationOutput(text=text, completion_tokens=request.generated, finish_reason=reason))
+        return True
+
+    def _finish(self, request: _Request, final: GenerationOutput) -> None:
+        # `on_done` is queued on the event loop before the final output, so the slot is free (and
+        # `queue_length` down) by the time the client reads its last chunk.
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is gone
+            request.loop.call_soon_threadsafe(request.on_done, final)
+        request.stream.publish(final)
+
+
+#: Put on the submission queue only to wake an idle engine.
+_WAKE: Any = object()
+
+
+def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if configured is None:
+        configured = loaded.tokenizer.eos_token_id
+    if configured is None:
+        return frozenset()
+    return frozenset([configured] if isinstance(configured, int) else configured)
+
+
+def _as_worker_error(exc: Exception) -> WorkerError:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        # Free the cached blocks now so the next request does not inherit a full device.
+        torch.cuda.empty_cache()
+        return OutOfMemoryError("the GPU ran out of memory while generating")
+    if isinstance(exc, WorkerError):
+        return exc
+    logger.exception("generation failed")
+    return GenerationError(f"generation failed: {type(exc).__name__}: {exc}")
