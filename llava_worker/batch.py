@@ -39,19 +39,21 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def add(self, cache: DynamicCache, length: int) -> None:
-        """Appends one prefilled request (a batch-1 cache of `length` tokens) as the last row."""
-        row_mask = torch.ones((1, length), dtype=torch.long, device=self._device)
+    def add(self, cache: DynamicCache, attention_mask: torch.Tensor) -> None:
+        """Appends prefilled requests as the last rows: their cache and their (left-padded) mask."""
+        attention_mask = attention_mask.to(device=self._device, dtype=torch.long)
         if self.cache is None or len(self) == 0:
-            self.cache, self.attention_mask = cache, row_mask
+            self.cache, self.attention_mask = cache, attention_mask
         else:
-            total = max(self.attention_mask.shape[1], length)
+            total = max(self.attention_mask.shape[1], attention_mask.shape[1])
             for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
                 (my_keys, my_values), (their_keys, their_values) = _states(mine), _states(theirs)
                 mine.keys = torch.cat([_pad_left(my_keys, total), _pad_left(their_keys, total)])
                 mine.values = torch.cat([_pad_left(my_values, total), _pad_left(their_values, total)])
-            self.attention_mask = torch.cat([_pad_left_2d(self.attention_mask, total), _pad_left_2d(row_mask, total)])
-        self.positions.append(length)
+            self.attention_mask = torch.cat(
+                [_pad_left_2d(self.attention_mask, total), _pad_left_2d(attention_mask, total)]
+            )
+        self.positions.extend(int(length) for length in attention_mask.sum(dim=1).tolist())
 
     def reset(self) -> None:
         """Drops every row."""
@@ -94,6 +96,16 @@ class DecodeBatch:
 def _states(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
     assert layer.keys is not None and layer.values is not None, "cache layer used before prefill"
     return layer.keys, layer.values
+
+
+def left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one batch: input ids, attention mask and position ids."""
+    length = max(row.shape[-1] for row in rows)
+    ids = torch.stack([F.pad(row.reshape(-1), (length - row.shape[-1], 0), value=pad_id) for row in rows])
+    mask = torch.stack([_pad_left_2d(torch.ones_like(row.reshape(1, -1)), length)[0] for row in rows])
+    # Padding sits at positions before 0; clamping keeps the ids valid, and the mask hides them.
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids, mask, positions
 
 
 def _pad_left(states: torch.Tensor, length: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from llava_worker.batch import DecodeBatch, is_mergeable
+from llava_worker.batch import DecodeBatch, is_mergeable, left_padded
 from llava_worker.errors import GenerationError, OutOfMemoryError, WorkerError
 from llava_worker.generation import GenerationOutput, RequestStream
 from llava_worker.inputs import PreparedInputs
@@ -81,6 +81,8 @@ class Engine:
         self.default_top_k = int(getattr(self._model.generation_config, "top_k", 0) or 0)
         """top-k that `generate` would apply when sampling (from the model's generation config)."""
         self._mergeable: bool | None = None
+        pad_id = loaded.tokenizer.pad_token_id
+        self._pad_id = int(pad_id if pad_id is not None else loaded.tokenizer.eos_token_id or 0)
         self.steps = 0
         """Decode steps run so far (for tests and metrics)."""
         self.peak_batch = 0
@@ -155,12 +157,18 @@ class Engine:
         if not self._collect(waiting, block=not active and not waiting):
             return False
         # 2. Prefill newcomers while there is room; each joins the batch with its first token.
-        while waiting and len(active) < self._room():
+        newcomers: list[_Request] = []
+        while waiting and len(active) + len(newcomers) < self._room():
             request = waiting.popleft()
             if request.cancelled.is_set():
                 self._finish(request, GenerationOutput(finish_reason="cancelled"))
-            elif self._prefill(request, batch):
-                active.append(request)
+            elif self._mergeable is None and not newcomers:
+                # The first prefill tells whether caches can be merged; until then, one at a time.
+                active.extend(self._prefill([request], batch))
+            else:
+                newcomers.append(request)
+        for group in self._prefill_groups(newcomers):
+            active.extend(self._prefill(group, batch))
         # 3. Drop requests that are done; their cache rows go with them.
         keep = [row for row, request in enumerate(active) if not self._settle(request)]
         if len(keep) != len(active):
@@ -192,11 +200,25 @@ class Engine:
         except queue.Empty:
             return True
 
-    def _prefill(self, request: _Request, batch: DecodeBatch) -> bool:
-        """Runs the prompt (and its images) alone, picks the first token and merges the request in."""
+    def _prefill(self, requests: list[_Request], batch: DecodeBatch) -> list[_Request]:
+        """Runs the prompts of `requests` (one with images, or several without) in one forward pass,
+        picks each one's first token and merges them into the batch; returns those that joined."""
         try:
             cache = DynamicCache(config=self._model.config)
-            output = self._model(**request.inputs.tensors, cache=cache, use_cache=True, logits_to_keep=1)
+            if len(requests) == 1:
+                tensors = requests[0].inputs.tensors
+                mask = tensors.get("attention_mask", torch.ones_like(tensors["input_ids"]))
+                output = self._model(**tensors, cache=cache, use_cache=True, logits_to_keep=1)
+            else:
+                ids, mask, positions = left_padded([r.inputs.input_ids for r in requests], self._pad_id)
+                output = self._model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             if self._mergeable is None:
                 self._mergeable = is_mergeable(cache)
                 if not self._mergeable:
@@ -204,13 +226,25 @@ class Engine:
                         "this model's KV cache (%s) cannot be batched; requests will run one at a time",
                         ", ".join(sorted({type(layer).__name__ for layer in cache.layers})),
                     )
-            token = self._choose(output.logits[:, -1, :], [request])[0]
+            tokens = self._choose(output.logits[:, -1, :], requests)
         except Exception as exc:
-            self._finish(request, GenerationOutput(error=_as_worker_error(exc)))
-            return False
-        batch.add(cache, request.inputs.prompt_tokens)
-        self._accept(request, token)
-        return True
+            error = _as_worker_error(exc)
+            for request in requests:
+                self._finish(request, GenerationOutput(error=error))
+            return []
+        batch.add(cache, mask)
+        for request, token in zip(requests, tokens, strict=True):
+            self._accept(request, token)
+        return requests
+
+    def _prefill_groups(self, newcomers: list[_Request]) -> list[list[_Request]]:
+        """Requests with images are prefilled alone; text-only prompts share one padded forward pass
+        once the cache is known to merge (until then nothing is batched)."""
+        if not self._mergeable:
+            return [[request] for request in newcomers]
+        text_only = [r for r in newcomers if set(r.inputs.tensors) <= {"input_ids", "attention_mask"}]
+        groups = [[r] for r in newcomers if r not in text_only]
+        return [text_only, *groups] if text_only else groups
 
     def _decode_step(self, active: list[_Request], batch: DecodeBatch) -> None:
         try:
