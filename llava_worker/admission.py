@@ -31,6 +31,9 @@ class AdmissionGate:
         self.limit = limit
         self.running = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed: BaseException | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def waiting(self) -> int:
@@ -41,10 +44,25 @@ class AdmissionGate:
         """Requests running plus requests waiting, as the controller expects it."""
         return self.running + self.waiting
 
+    async def wait_idle(self) -> None:
+        """Returns once no request holds a place."""
+        await self._idle.wait()
+
+    def close(self, error: BaseException) -> None:
+        """Admits nobody any more: every waiter, and every later `acquire`, raises `error`."""
+        self._closed = error
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
     async def acquire(self) -> Slot:
         """Waits for a free place; cancelling the wait gives up the place in line."""
+        if self._closed is not None:
+            raise self._closed
         if self.running < self.limit and not self._waiters:
             self.running += 1
+            self._idle.clear()
             return Slot(self)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -66,3 +84,5 @@ class AdmissionGate:
                 waiter.set_result(None)
                 return
         self.running -= 1
+        if self.running == 0:
+            self._idle.set()

@@ -72,6 +72,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.heartbeat_interval,
         help="seconds between heartbeats to the controller",
     )
+    limits = parser.add_argument_group("limits and operation")
+    limits.add_argument(
+        "--keepalive-interval",
+        type=float,
+        default=defaults.keepalive_interval,
+        help="seconds between the lone NUL bytes sent to a request that waits for a slot",
+    )
+    limits.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=defaults.shutdown_grace,
+        help="on SIGTERM/SIGINT, seconds running requests may finish before they are cancelled",
+    )
+    limits.add_argument("--log-file", default=None, help="also write the log to this file")
+    limits.add_argument(
+        "--max-request-bytes", type=int, default=defaults.max_request_bytes, help="largest request body"
+    )
+    limits.add_argument("--max-images", type=int, default=defaults.max_images, help="most images in one request")
+    limits.add_argument(
+        "--max-image-bytes", type=int, default=defaults.max_image_bytes, help="largest image file, decoded"
+    )
+    limits.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=defaults.max_image_pixels,
+        help="most pixels in one image (checked before decoding it)",
+    )
+    limits.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt in tokens, image tokens included (default: the model's context length)",
+    )
     return parser
 
 
@@ -94,12 +127,20 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
         load_4bit=args.load_4bit,
         use_flash_attn=args.use_flash_attn,
         heartbeat_interval=args.heartbeat_interval,
+        keepalive_interval=args.keepalive_interval,
+        shutdown_grace=args.shutdown_grace,
+        log_file=args.log_file,
+        max_request_bytes=args.max_request_bytes,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_prompt_tokens=args.max_prompt_tokens,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = config_from_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(config.log_file)
     try:
         # Checked before torch is imported, so impossible flags are refused at once.
         validate_config(config)
@@ -111,11 +152,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"llava-worker: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    import uvicorn
-
-    from llava_worker.server import create_app
+    from llava_worker.serving import serve
     from llava_worker.worker import ModelWorker
 
     worker = ModelWorker(config, loaded)
     logger.info("serving %s on http://%s:%d", worker.model_name, config.host, config.port)
-    uvicorn.run(create_app(worker), host=config.host, port=config.port, log_level="info")
+    serve(worker)
+    logger.info("stopped")
+
+
+def configure_logging(log_file: str | None) -> None:
+    """Log lines go to stderr, and to `log_file` too when given; stdout and stderr stay untouched."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        try:
+            handlers.append(logging.FileHandler(log_file))
+        except OSError as exc:
+            print(f"llava-worker: error: --log-file {log_file}: {exc.strerror}", file=sys.stderr)
+            sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)

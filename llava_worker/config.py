@@ -53,6 +53,23 @@ class WorkerConfig:
     """Seconds between heartbeats; also the retry period while the controller is unreachable."""
     controller_timeout: float = 5.0
     """Seconds before a controller call counts as failed."""
+    keepalive_interval: float = 2.0
+    """Seconds between the lone `\\0` bytes sent to a request waiting for a slot (under the 5 s read
+    timeout of LLaVA's controller proxy)."""
+    shutdown_grace: float = 30.0
+    """Seconds running requests may finish after SIGTERM/SIGINT before they are cancelled."""
+    log_file: str | None = None
+    """Also write the log to this file."""
+    max_request_bytes: int = 64 * 1024 * 1024
+    """Largest request body accepted."""
+    max_images: int = 16
+    """Most images in one request."""
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Largest image file (after base64 decoding)."""
+    max_image_pixels: int = 40_000_000
+    """Most pixels (width x height) in one image; checked before the image is decoded."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt in tokens, image tokens included; None: only the model's context length bounds it."""
 
     @property
     def served_model_name(self) -> str:
@@ -89,8 +106,20 @@ def validate_config(config: WorkerConfig) -> None:
         raise StartupError("--limit-model-concurrency must be at least 1")
     if config.stream_interval < 1:
         raise StartupError("--stream-interval must be at least 1")
-    if config.heartbeat_interval <= 0:
-        raise StartupError("--heartbeat-interval must be positive")
+    positive = {
+        "--heartbeat-interval": config.heartbeat_interval,
+        "--keepalive-interval": config.keepalive_interval,
+        "--max-request-bytes": config.max_request_bytes,
+        "--max-images": config.max_images,
+        "--max-image-bytes": config.max_image_bytes,
+        "--max-image-pixels": config.max_image_pixels,
+        "--max-prompt-tokens": config.max_prompt_tokens if config.max_prompt_tokens is not None else 1,
+    }
+    for flag, value in positive.items():
+        if value <= 0:
+            raise StartupError(f"{flag} must be positive, not {value}")
+    if config.shutdown_grace < 0:
+        raise StartupError(f"--shutdown-grace must not be negative, not {config.shutdown_grace}")
     if config.model_base is not None:
         raise StartupError(
             "--model-base (LoRA and projector-only checkpoints in the original LLaVA layout) "

@@ -75,7 +75,8 @@ class Engine:
         self._loaded = loaded
         self._model: Any = loaded.model
         self._max_batch = max_batch
-        self._submitted: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._submitted: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._abort = threading.Event()
         self._thread: threading.Thread | None = None
         self._eos = _eos_token_ids(loaded)
         self.default_top_k = int(getattr(self._model.generation_config, "top_k", 0) or 0)
@@ -102,6 +103,18 @@ class Engine:
             self._submitted.put(None)
             self._thread.join(timeout)
             self._thread = None
+
+    def probe(self) -> asyncio.Future[None]:
+        """A future the engine loop resolves at its next turn: proof that it is alive and answering."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        self._submitted.put(_Probe(loop, answered))
+        return answered
+
+    def abort_all(self) -> None:
+        """Fails every request in the engine (at the next token boundary) with a shutdown error."""
+        self._abort.set()
+        self.wake()
 
     def wake(self) -> None:
         """Nudges an idle loop (e.g. to notice a cancellation); harmless when busy."""
@@ -156,6 +169,13 @@ class Engine:
         # 1. Collect submissions; block only when there is nothing else to do.
         if not self._collect(waiting, block=not active and not waiting):
             return False
+        if self._abort.is_set():
+            self._abort.clear()
+            self._fail_all(active, GenerationError("the worker is shutting down"))
+            self._fail_all(list(waiting), GenerationError("the worker is shutting down"))
+            waiting.clear()
+            batch.reset()
+            return True
         # 2. Prefill newcomers while there is room; each joins the batch with its first token.
         newcomers: list[_Request] = []
         while waiting and len(active) + len(newcomers) < self._room():
@@ -194,7 +214,9 @@ class Engine:
             while True:
                 if item is None:
                     return False
-                if item is not _WAKE:
+                if isinstance(item, _Probe):
+                    item.answer()
+                elif item is not _WAKE:
                     waiting.append(item)
                 item = self._submitted.get_nowait()
         except queue.Empty:
@@ -299,6 +321,22 @@ class Engine:
 
 #: Put on the submission queue only to wake an idle engine.
 _WAKE: Any = object()
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A readiness question for the engine loop, answered on the asker's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    answered: asyncio.Future[None]
+
+    def answer(self) -> None:
+        def resolve() -> None:
+            if not self.answered.done():
+                self.answered.set_result(None)
+
+        with contextlib.suppress(RuntimeError):  # the asker's loop is gone
+            self.loop.call_soon_threadsafe(resolve)
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:

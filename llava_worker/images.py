@@ -5,13 +5,22 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 from llava_worker.errors import ImageError
 
 
-def decode_image(encoded: str, index: int) -> Image.Image:
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one image may weigh; both are checked before the image is decoded."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+def decode_image(encoded: str, index: int, limits: ImageLimits) -> Image.Image:
     """One image from its base64 text; `index` (0-based) names it in errors."""
     label = f"image {index + 1}"
     payload = encoded.strip()
@@ -19,6 +28,8 @@ def decode_image(encoded: str, index: int) -> Image.Image:
         header, sep, payload = payload.partition(",")
         if not sep or ";base64" not in header:
             raise ImageError(f"{label} is a data URL that is not base64-encoded")
+    if len(payload) * 3 // 4 > limits.max_bytes:
+        raise ImageError(f"{label} is larger than the {limits.max_bytes} bytes accepted")
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -27,6 +38,13 @@ def decode_image(encoded: str, index: int) -> Image.Image:
         raise ImageError(f"{label} is empty")
     try:
         with Image.open(io.BytesIO(raw)) as opened:
+            # open() has read only the header: a decompression bomb is refused before it is decoded.
+            width, height = opened.size
+            if width * height > limits.max_pixels:
+                raise ImageError(
+                    f"{label} has {width}x{height} = {width * height} pixels, more than the "
+                    f"{limits.max_pixels} accepted"
+                )
             # load() decodes every pixel now, so a truncated file fails here rather than in the model.
             opened.load()
             # The model expects three channels; palette, greyscale and alpha images are converted.

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from llava_worker.errors import ImageError, plural
-from llava_worker.images import decode_image
+from llava_worker.errors import ImageError, InvalidRequestError, plural
+from llava_worker.images import ImageLimits, decode_image
 from llava_worker.loader import LoadedModel
 
 #: The placeholder clients put in the prompt, one per image (LLaVA's convention).
@@ -30,7 +30,13 @@ class PreparedInputs:
         return ids
 
 
-def prepare_inputs(loaded: LoadedModel, prompt: str, encoded_images: tuple[str, ...]) -> PreparedInputs:
+def prepare_inputs(
+    loaded: LoadedModel,
+    prompt: str,
+    encoded_images: tuple[str, ...],
+    image_limits: ImageLimits,
+    max_prompt_tokens: int | None = None,
+) -> PreparedInputs:
     """Validates the images against the prompt and builds the model's inputs.
 
     Raises ImageError when images are given to a model that takes none, when their number differs
@@ -51,7 +57,7 @@ def prepare_inputs(loaded: LoadedModel, prompt: str, encoded_images: tuple[str, 
         encoded = loaded.tokenizer(prompt, return_tensors="pt")
         tensors = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     else:
-        images = [decode_image(data, index) for index, data in enumerate(encoded_images)]
+        images = [decode_image(data, index, image_limits) for index, data in enumerate(encoded_images)]
         text = prompt
         image_token = loaded.image_token
         if image_token and image_token != IMAGE_PLACEHOLDER:
@@ -68,4 +74,9 @@ def prepare_inputs(loaded: LoadedModel, prompt: str, encoded_images: tuple[str, 
             if value.is_floating_point():
                 value = value.to(loaded.dtype)
             tensors[name] = value
-    return PreparedInputs(tensors=tensors, prompt_tokens=int(tensors["input_ids"].shape[-1]))
+    prompt_tokens = int(tensors["input_ids"].shape[-1])
+    if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
+        raise InvalidRequestError(
+            f"the prompt is {prompt_tokens} tokens long (image tokens included); at most {max_prompt_tokens} accepted"
+        )
+    return PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens)

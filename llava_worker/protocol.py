@@ -17,6 +17,8 @@ EXCEEDS_CONTEXT_TEXT = "Exceeds max token length. Please start a new conversatio
 CHUNK_DELIMITER = b"\0"
 #: Temperatures at or below this mean greedy decoding, as in the original.
 GREEDY_TEMPERATURE = 1e-3
+#: Highest temperature accepted; beyond it sampling is noise.
+MAX_TEMPERATURE = 10.0
 
 
 class _GenerateRequestBody(BaseModel):
@@ -27,7 +29,7 @@ class _GenerateRequestBody(BaseModel):
     model: str | None = None
     prompt: str
     images: list[str] | None = None
-    temperature: float = Field(default=1.0, ge=0.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
     stop: str | list[str] | None = None
@@ -49,7 +51,7 @@ class GenerateParams:
         return self.temperature <= GREEDY_TEMPERATURE
 
 
-def parse_generate_params(body: bytes) -> GenerateParams:
+def parse_generate_params(body: bytes, max_images: int | None = None) -> GenerateParams:
     """Decode and validate a request body; raises InvalidRequestError naming what is wrong."""
     try:
         raw = json.loads(body)
@@ -61,6 +63,8 @@ def parse_generate_params(body: bytes) -> GenerateParams:
         request = _GenerateRequestBody.model_validate(raw)
     except ValidationError as exc:
         raise InvalidRequestError(describe_validation_error(exc)) from None
+    if max_images is not None and request.images and len(request.images) > max_images:
+        raise InvalidRequestError(f"too many images: {len(request.images)} given, at most {max_images} accepted")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     return GenerateParams(
         prompt=request.prompt,

@@ -7,15 +7,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llava_worker.errors import InvalidRequestError
+from llava_worker.metrics import METRICS_CONTENT_TYPE
 from llava_worker.protocol import encode_chunk, parse_generate_params
-from llava_worker.worker import ModelWorker, describe_failure, new_request_id
+from llava_worker.worker import ModelWorker, ShuttingDownError, describe_failure, new_request_id
 
 
 def create_app(worker: ModelWorker) -> FastAPI:
-    """The ASGI app serving `worker`; its lifespan starts and stops the controller link."""
+    """The ASGI app serving `worker`; its lifespan starts and stops the engine and controller link."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -32,17 +33,53 @@ def create_app(worker: ModelWorker) -> FastAPI:
     async def worker_generate_stream(request: Request) -> StreamingResponse:
         request_id = new_request_id()
         try:
-            params = parse_generate_params(await request.body())
-        except InvalidRequestError as exc:
+            if worker.draining:
+                raise ShuttingDownError()
+            body = await read_body(request, worker.config.max_request_bytes)
+            params = parse_generate_params(body, max_images=worker.config.max_images)
+        except (InvalidRequestError, ShuttingDownError) as exc:
             # Refused before it takes a slot; still a stream, so every client parses it the usual way.
-            return StreamingResponse(_single(encode_chunk(describe_failure(exc, request_id), error_code=1)))
+            refused = isinstance(exc, ShuttingDownError)
+            worker.metrics.count("rejected" if refused else "invalid")
+            chunk = encode_chunk(describe_failure(exc, request_id), error_code=1)
+            return StreamingResponse(_single(chunk), status_code=503 if refused else 400)
         return StreamingResponse(worker.generate_stream_gate(params, request_id))
 
     @app.post("/worker_get_status")
     async def worker_get_status() -> dict[str, Any]:
         return worker.get_status()
 
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process is up and its event loop answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: the model is loaded and the generation engine is alive and answering."""
+        reason = await worker.readiness()
+        if reason is None:
+            return JSONResponse({"status": "ready", "model": worker.model_name})
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(worker.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InvalidRequestError(f"request body of {declared} bytes is larger than the {limit} bytes accepted")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise InvalidRequestError(f"request body is larger than the {limit} bytes accepted")
+    return bytes(body)
 
 
 async def _single(chunk: bytes) -> AsyncIterator[bytes]:

@@ -1,27 +1,33 @@
-"""ModelWorker: admission, generation streams, status and the controller link for one model."""
+"""ModelWorker: admission, generation streams, status, draining and the controller link for one model."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llava_worker.admission import AdmissionGate, Slot
 from llava_worker.config import MAX_NEW_TOKENS_CAP, WorkerConfig
 from llava_worker.controller import ControllerLink
 from llava_worker.engine import Engine, RequestHandle
-from llava_worker.errors import WorkerError
+from llava_worker.errors import GenerationError, WorkerError
 from llava_worker.generation import GenerationOutput
+from llava_worker.images import ImageLimits
 from llava_worker.inputs import prepare_inputs
 from llava_worker.loader import LoadedModel
+from llava_worker.metrics import WorkerMetrics
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, encode_chunk, worker_status
 from llava_worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+#: How long a readiness probe may wait for the engine loop to answer.
+READY_PROBE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,29 @@ class StreamChunk:
     finish_reason: str | None = None
 
 
+#: Yielded by `generate_stream` while the request waits for a slot; sent as a lone `\0`.
+KEEPALIVE = StreamChunk("")
+
+
+@dataclass
+class _RequestRecord:
+    """What the request's log line and metrics need, gathered along the way."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    prompt_tokens: int = 0
+    first_text_at: float | None = None
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+class ShuttingDownError(GenerationError):
+    """The worker is draining for shutdown and admits no new work."""
+
+    def __init__(self) -> None:
+        super().__init__("the worker is shutting down; send the request again (to another worker)")
 
 
 class ModelWorker:
@@ -48,6 +75,9 @@ class ModelWorker:
         self.gate = AdmissionGate(config.limit_model_concurrency)
         # The gate lets at most `limit` requests into the engine, so they all decode in one batch.
         self.engine = Engine(loaded, max_batch=config.limit_model_concurrency)
+        self.metrics = WorkerMetrics(self.get_queue_length, lambda: self.gate.running)
+        self.image_limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+        self.draining = False
         self.controller: ControllerLink | None = None
         if not config.no_register:
             self.controller = ControllerLink(
@@ -70,6 +100,27 @@ class ModelWorker:
             await self.controller.stop()
         await asyncio.to_thread(self.engine.stop)
 
+    async def drain(self, grace: float) -> None:
+        """Stops admitting, lets running requests finish for `grace` seconds, then cancels the rest.
+
+        Heartbeats stop at once, so the controller stops routing here; requests still waiting for a
+        slot, and any that arrive from now on, get a shutdown error.
+        """
+        self.draining = True
+        logger.info("draining: %d running, %d waiting; grace %.0f s", self.gate.running, self.gate.waiting, grace)
+        if self.controller is not None:
+            await self.controller.stop()
+        self.gate.close(ShuttingDownError())
+        try:
+            async with asyncio.timeout(grace):
+                await self.gate.wait_idle()
+        except TimeoutError:
+            logger.warning("%d requests still running after %.0f s; cancelling them", self.gate.running, grace)
+            self.engine.abort_all()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10.0):
+                    await self.gate.wait_idle()
+
     async def register_to_controller(self) -> bool:
         """Registers once now; the background task keeps it registered afterwards."""
         return self.controller is not None and await self.controller.register()
@@ -84,27 +135,57 @@ class ModelWorker:
     def get_status(self) -> dict[str, Any]:
         return worker_status(self.model_name, self.get_queue_length())
 
+    async def readiness(self) -> str | None:
+        """None when the worker can serve (engine loop alive and answering); else the reason it cannot."""
+        if self.draining:
+            return "shutting down"
+        if not self.engine.alive:
+            return "the generation engine is not running"
+        try:
+            await asyncio.wait_for(self.engine.probe(), READY_PROBE_TIMEOUT)
+        except TimeoutError:
+            return f"the generation engine did not answer within {READY_PROBE_TIMEOUT:.0f} s"
+        return None
+
     async def generate_stream(self, params: GenerateParams, request_id: str) -> AsyncIterator[StreamChunk]:
         """Streams one request's answer; raises WorkerError (or anything else) on failure.
 
         The request takes a slot only once its inputs are ready, so a bad image is refused without
-        waiting in line; the slot goes back when generation has really stopped, on every path.
+        waiting in line; while it waits it yields KEEPALIVE every `keepalive_interval` seconds; its
+        slot goes back when it has really left the engine, on every path.
         """
-        started = time.perf_counter()
-        inputs = await asyncio.to_thread(prepare_inputs, self.loaded, params.prompt, params.images)
+        if self.draining:
+            raise ShuttingDownError()
+        record = _RequestRecord(request_id)
+        inputs = await asyncio.to_thread(
+            prepare_inputs,
+            self.loaded,
+            params.prompt,
+            params.images,
+            self.image_limits,
+            self.config.max_prompt_tokens,
+        )
+        record.prompt_tokens = inputs.prompt_tokens
         room = self.loaded.context_length - inputs.prompt_tokens
         max_new_tokens = min(params.max_new_tokens, MAX_NEW_TOKENS_CAP, room)
         if max_new_tokens < 1:
             logger.info("request %s: prompt of %d tokens leaves no room", request_id, inputs.prompt_tokens)
-            yield StreamChunk(params.prompt + EXCEEDS_CONTEXT_TEXT, finish_reason="length")
+            yield StreamChunk(params.prompt + EXCEEDS_CONTEXT_TEXT, finish_reason="exceeds_context")
             return
 
         # The queue grows now; tell the controller soon (the heartbeat runs on its own task).
         self._notify_controller()
+        acquiring = asyncio.ensure_future(self.gate.acquire())
         try:
-            slot = await self.gate.acquire()
-        except asyncio.CancelledError:
-            self._notify_controller()  # gave up while waiting: the queue shrank again
+            # The first keepalive goes out at once when the request has to wait, so the client gets
+            # its response headers (and a byte) without waiting for a slot.
+            timeout = 0.0
+            while not (await asyncio.wait({acquiring}, timeout=timeout))[0]:
+                yield KEEPALIVE
+                timeout = self.config.keepalive_interval
+            slot = acquiring.result()
+        except BaseException:
+            self._abandon(acquiring)
             raise
         handle: RequestHandle | None = None
         try:
@@ -114,12 +195,22 @@ class ModelWorker:
                 params.stop,
                 max_new_tokens,
                 self.config.stream_interval,
-                on_done=lambda final: self._finish(slot, request_id, inputs.prompt_tokens, started, final),
+                on_done=lambda final: self._finish(slot, record, final),
             )
             sent = None
+            last_at, last_tokens = record.started, 0
             async for output in handle.outputs():
                 if output.error is not None:
                     raise output.error
+                now = time.perf_counter()
+                if output.completion_tokens > last_tokens:
+                    if record.first_text_at is None:
+                        record.first_text_at = now
+                        self.metrics.time_to_first_token.observe(now - record.started)
+                    else:
+                        gap = (now - last_at) / (output.completion_tokens - last_tokens)
+                        self.metrics.time_between_tokens.observe(gap)
+                    last_at, last_tokens = now, output.completion_tokens
                 text = params.prompt + output.text
                 # The final output always goes out, even with no new text, for its finish reason.
                 if text != sent or output.finished:
@@ -133,35 +224,53 @@ class ModelWorker:
                 # the engine then frees the slot.
                 handle.cancel()
 
-    def _sampling(self, params: GenerateParams) -> SamplingParams:
-        if params.greedy:
-            return SamplingParams()
-        return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=self.engine.default_top_k)
+    def _abandon(self, acquiring: asyncio.Future[Slot]) -> None:
+        """The request left (or was refused) while waiting for a slot."""
+        acquiring.cancel()
+        if acquiring.done() and not acquiring.cancelled() and acquiring.exception() is None:
+            acquiring.result().release()  # granted just as the client left: pass it on
+        self._notify_controller()  # the queue shrank again
 
     async def generate_stream_gate(self, params: GenerateParams, request_id: str) -> AsyncIterator[bytes]:
         """The wire bytes of `generate_stream`; any failure becomes one final error chunk."""
         previous = None
+        outcome = "cancelled"
         try:
             async for chunk in self.generate_stream(params, request_id):
+                if chunk is KEEPALIVE:
+                    yield b"\0"  # clients skip empty chunks; it keeps their read timeouts at bay
+                    continue
+                outcome = chunk.finish_reason or outcome
                 # The wire carries only text, so a final chunk that adds none would be a repeat.
                 if chunk.text != previous:
                     previous = chunk.text
                     yield encode_chunk(chunk.text)
         except Exception as exc:
+            outcome = "rejected" if isinstance(exc, ShuttingDownError) else "error"
             yield encode_chunk(describe_failure(exc, request_id), error_code=1)
+        finally:
+            self.metrics.count(outcome)
 
-    def _finish(self, slot: Slot, request_id: str, prompt_tokens: int, started: float, final: GenerationOutput) -> None:
+    def _sampling(self, params: GenerateParams) -> SamplingParams:
+        if params.greedy:
+            return SamplingParams()
+        return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=self.engine.default_top_k)
+
+    def _finish(self, slot: Slot, record: _RequestRecord, final: GenerationOutput) -> None:
         """Runs when a request has left the engine, however it ended: frees its slot and logs it."""
         slot.release()
         self._notify_controller()
+        self.metrics.generated_tokens.inc(final.completion_tokens)
         outcome = "error" if final.error is not None else final.finish_reason
+        ttft = "-" if record.first_text_at is None else f"{record.first_text_at - record.started:.3f} s"
         logger.info(
-            "request %s: %s, %d prompt tokens, %d new tokens, %.2f s",
-            request_id,
+            "request %s: %s, %d prompt tokens, %d new tokens, first text after %s, %.3f s in all",
+            record.request_id,
             outcome,
-            prompt_tokens,
+            record.prompt_tokens,
             final.completion_tokens,
-            time.perf_counter() - started,
+            ttft,
+            time.perf_counter() - record.started,
         )
 
     def _notify_controller(self) -> None:
