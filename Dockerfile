@@ -59,6 +59,13 @@ ENV HF_HOME=/home/worker/.cache/huggingface
 WORKDIR /home/worker
 
 EXPOSE 21002
+# Readiness: the model is loaded and the generation engine answers (GET /ready; /health is plain
+# liveness). Loading a large model takes minutes, hence the long start period. The probe assumes
+# the default port; with another --port, override it (`docker run --health-cmd ...`).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
+    CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:21002/ready', timeout=8).status != 200)"]
+# SIGTERM drains: running requests finish within --shutdown-grace (30 s), then the worker exits 0.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["python3", "-m", "llava_worker"]
 # Listen on every interface inside the container; the defaults of every other flag apply
 # (--model-path facebook/opt-350m, --controller-address http://localhost:21001, ...), so a real

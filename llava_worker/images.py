@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 from llava_worker.errors import ImageError
+
+# The worker enforces its own pixel limit (ImageLimits) before decoding; PIL's warning would only repeat it.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,10 @@ def decode_image(encoded: str, index: int, limits: ImageLimits) -> Image.Image:
             opened.load()
             # The model expects three channels; palette, greyscale and alpha images are converted.
             return opened.convert("RGB")
+    except Image.DecompressionBombError:
+        # PIL's own guard, for sizes far beyond any sensible limit, fires already in open().
+        raise ImageError(f"{label} has far more than the {limits.max_pixels} pixels accepted") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label} is not in an image format the worker can read (JPEG, PNG, ...)") from None
-    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{label} could not be decoded: {exc}") from None
