@@ -38,6 +38,9 @@ class _Request:
     stream: RequestStream
     on_done: Callable[[GenerationOutput], None]
     loop: asyncio.AbstractEventLoop
+    stop_token_ids: frozenset[int] = frozenset()
+    generator: torch.Generator | None = None
+    """The request's own random stream when it asked for a seed."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     last_token: int = -1
     generated: int = 0
@@ -128,6 +131,7 @@ class Engine:
         max_new_tokens: int,
         stream_interval: int,
         on_done: Callable[[GenerationOutput], None],
+        stop_token_ids: tuple[int, ...] = (),
     ) -> RequestHandle:
         """Queues a request; call from the event loop. `on_done` runs there once it has left the engine."""
         if not self.alive:
@@ -142,6 +146,8 @@ class Engine:
             stream=RequestStream(loop),
             on_done=on_done,
             loop=loop,
+            stop_token_ids=frozenset(stop_token_ids),
+            generator=_seeded(sampling.seed, self._loaded.device),
         )
         self._submitted.put(request)
         return RequestHandle(request, self)
@@ -283,12 +289,17 @@ class Engine:
             self._accept(request, token)
 
     def _choose(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
-        return next_tokens(logits.float(), [r.sampling for r in requests], [None] * len(requests))
+        return next_tokens(
+            logits.float(),
+            [r.sampling for r in requests],
+            [r.generator for r in requests],
+            [r.accumulator.token_ids for r in requests],
+        )
 
     def _accept(self, request: _Request, token: int) -> None:
         """Records one generated token; publishes text every `stream_interval` tokens."""
         request.last_token = token
-        if token in self._eos:
+        if token in self._eos or token in request.stop_token_ids:
             request.finish_reason = "stop"
             return
         request.generated += 1
@@ -337,6 +348,14 @@ class _Probe:
 
         with contextlib.suppress(RuntimeError):  # the asker's loop is gone
             self.loop.call_soon_threadsafe(resolve)
+
+
+def _seeded(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:

@@ -13,6 +13,8 @@ from llava_worker.loader import LoadedModel
 
 #: The placeholder clients put in the prompt, one per image (LLaVA's convention).
 IMAGE_PLACEHOLDER = "<image>"
+#: FastChat's API server marks images so; LLaVA's prompts put the image before the text, on its own line.
+FASTCHAT_IMAGE_PLACEHOLDER = "$$<image>$$"
 
 
 @dataclass
@@ -42,6 +44,7 @@ def prepare_inputs(
     Raises ImageError when images are given to a model that takes none, when their number differs
     from the number of `<image>` placeholders, or when one cannot be decoded.
     """
+    prompt = prompt.replace(FASTCHAT_IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER + "\n")
     placeholders = prompt.count(IMAGE_PLACEHOLDER)
     if encoded_images and not loaded.takes_images:
         raise ImageError(

@@ -22,7 +22,10 @@ MAX_TEMPERATURE = 10.0
 
 
 class _GenerateRequestBody(BaseModel):
-    """`POST /worker_generate_stream` as it arrives; strict so wrong JSON types are refused."""
+    """`POST /worker_generate_stream` as it arrives; strict so wrong JSON types are refused.
+
+    The first fields are LLaVA's; the rest are what FastChat's API server adds.
+    """
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -33,6 +36,12 @@ class _GenerateRequestBody(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
     stop: str | list[str] | None = None
+    echo: bool | None = None
+    top_k: int | None = Field(default=None, ge=-1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,17 @@ class GenerateParams:
     top_p: float = 1.0
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop: tuple[str, ...] = ()
+    echo: bool = True
+    """Whether `text` starts with the prompt (LLaVA always; FastChat asks with `echo`)."""
+    extended: bool = False
+    """Whether chunks carry FastChat's `usage` and `finish_reason` (only when it sent `echo`, so a
+    LLaVA client sees exactly the original's chunks)."""
+    top_k: int | None = None
+    """None: the model's default; 0: no top-k filter."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +93,14 @@ def parse_generate_params(body: bytes, max_images: int | None = None) -> Generat
         top_p=request.top_p,
         max_new_tokens=request.max_new_tokens,
         stop=tuple(s for s in stop if s),
+        echo=request.echo is not False,
+        extended=request.echo is not None,
+        # FastChat's -1 means "off", as 0 does here.
+        top_k=None if request.top_k is None else max(request.top_k, 0),
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        seed=request.seed,
     )
 
 
@@ -85,9 +113,22 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(dict.fromkeys(problems))
 
 
-def encode_chunk(text: str, error_code: int = 0) -> bytes:
-    """One stream chunk, serialised exactly as the original worker does."""
-    return json.dumps({"text": text, "error_code": error_code}).encode() + CHUNK_DELIMITER
+def encode_chunk(text: str, error_code: int = 0, extra: dict[str, Any] | None = None) -> bytes:
+    """One stream chunk, serialised exactly as the original worker does (FastChat's fields after)."""
+    return json.dumps(chunk_body(text, error_code, extra)).encode() + CHUNK_DELIMITER
+
+
+def chunk_body(text: str, error_code: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"text": text, "error_code": error_code, **(extra or {})}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """FastChat's (and OpenAI's) token accounting."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def worker_status(model_name: str, queue_length: int) -> dict[str, Any]:

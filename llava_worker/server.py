@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from llava_worker.conversation import conversation_template
 from llava_worker.errors import InvalidRequestError
 from llava_worker.metrics import METRICS_CONTENT_TYPE
 from llava_worker.protocol import encode_chunk, parse_generate_params
@@ -45,6 +48,41 @@ def create_app(worker: ModelWorker) -> FastAPI:
             return StreamingResponse(_single(chunk), status_code=503 if refused else 400)
         return StreamingResponse(worker.generate_stream_gate(params, request_id))
 
+    @app.post("/worker_generate")
+    async def worker_generate(request: Request) -> JSONResponse:
+        """FastChat's non-streaming call: the last chunk, with `usage` and `finish_reason`."""
+        request_id = new_request_id()
+        try:
+            if worker.draining:
+                raise ShuttingDownError()
+            body = await read_body(request, worker.config.max_request_bytes)
+            params = parse_generate_params(body, max_images=worker.config.max_images)
+        except (InvalidRequestError, ShuttingDownError) as exc:
+            refused = isinstance(exc, ShuttingDownError)
+            worker.metrics.count("rejected" if refused else "invalid")
+            answer = {"text": describe_failure(exc, request_id), "error_code": 1}
+            return JSONResponse(answer, status_code=503 if refused else 400)
+        return JSONResponse(await worker.generate(params, request_id))
+
+    @app.post("/count_token")
+    async def count_token(request: Request) -> JSONResponse:
+        try:
+            prompt = (await _json_object(request)).get("prompt")
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("invalid request: 'prompt' must be a string")
+        except InvalidRequestError as exc:
+            return JSONResponse({"count": 0, "error_code": 1, "text": str(exc)}, status_code=400)
+        count = await asyncio.to_thread(worker.count_tokens, prompt)
+        return JSONResponse({"count": count, "error_code": 0})
+
+    @app.post("/model_details")
+    async def model_details() -> dict[str, Any]:
+        return {"context_length": worker.loaded.context_length}
+
+    @app.post("/worker_get_conv_template")
+    async def worker_get_conv_template() -> dict[str, Any]:
+        return {"conv": conversation_template(worker.loaded)}
+
     @app.post("/worker_get_status")
     async def worker_get_status() -> dict[str, Any]:
         return worker.get_status()
@@ -80,6 +118,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise InvalidRequestError(f"request body is larger than the {limit} bytes accepted")
     return bytes(body)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return body
 
 
 async def _single(chunk: bytes) -> AsyncIterator[bytes]:

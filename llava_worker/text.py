@@ -33,6 +33,11 @@ class TextAccumulator:
         return len(self._ids)
 
     @property
+    def token_ids(self) -> list[int]:
+        """Every token generated so far (the list itself: read it, do not change it)."""
+        return self._ids
+
+    @property
     def text(self) -> str:
         """All text decoded so far (up to the stop string, when one was hit)."""
         return self._text

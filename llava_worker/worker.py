@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llava_worker.admission import AdmissionGate, Slot
@@ -21,7 +21,14 @@ from llava_worker.images import ImageLimits
 from llava_worker.inputs import prepare_inputs
 from llava_worker.loader import LoadedModel
 from llava_worker.metrics import WorkerMetrics
-from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, encode_chunk, worker_status
+from llava_worker.protocol import (
+    EXCEEDS_CONTEXT_TEXT,
+    GenerateParams,
+    chunk_body,
+    encode_chunk,
+    usage,
+    worker_status,
+)
 from llava_worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,7 @@ class StreamChunk:
     text: str
     completion_tokens: int = 0
     finish_reason: str | None = None
+    prompt_tokens: int = 0
 
 
 #: Yielded by `generate_stream` while the request waits for a slot; sent as a lone `\0`.
@@ -170,7 +178,11 @@ class ModelWorker:
         max_new_tokens = min(params.max_new_tokens, MAX_NEW_TOKENS_CAP, room)
         if max_new_tokens < 1:
             logger.info("request %s: prompt of %d tokens leaves no room", request_id, inputs.prompt_tokens)
-            yield StreamChunk(params.prompt + EXCEEDS_CONTEXT_TEXT, finish_reason="exceeds_context")
+            yield StreamChunk(
+                (params.prompt if params.echo else "") + EXCEEDS_CONTEXT_TEXT,
+                finish_reason="exceeds_context",
+                prompt_tokens=inputs.prompt_tokens,
+            )
             return
 
         # The queue grows now; tell the controller soon (the heartbeat runs on its own task).
@@ -196,6 +208,7 @@ class ModelWorker:
                 max_new_tokens,
                 self.config.stream_interval,
                 on_done=lambda final: self._finish(slot, record, final),
+                stop_token_ids=params.stop_token_ids,
             )
             sent = None
             last_at, last_tokens = record.started, 0
@@ -211,11 +224,11 @@ class ModelWorker:
                         gap = (now - last_at) / (output.completion_tokens - last_tokens)
                         self.metrics.time_between_tokens.observe(gap)
                     last_at, last_tokens = now, output.completion_tokens
-                text = params.prompt + output.text
+                text = (params.prompt if params.echo else "") + output.text
                 # The final output always goes out, even with no new text, for its finish reason.
                 if text != sent or output.finished:
                     sent = text
-                    yield StreamChunk(text, output.completion_tokens, output.finish_reason)
+                    yield StreamChunk(text, output.completion_tokens, output.finish_reason, inputs.prompt_tokens)
         finally:
             if handle is None:
                 slot.release()
@@ -234,27 +247,64 @@ class ModelWorker:
     async def generate_stream_gate(self, params: GenerateParams, request_id: str) -> AsyncIterator[bytes]:
         """The wire bytes of `generate_stream`; any failure becomes one final error chunk."""
         previous = None
+        async for chunk in self._chunks_or_error(params, request_id):
+            if chunk is KEEPALIVE:
+                yield b"\0"  # clients skip empty chunks; it keeps their read timeouts at bay
+                continue
+            # The last chunk is sent even without new text when it carries FastChat's finish reason;
+            # otherwise a chunk that adds no text would be a repeat.
+            if chunk.text != previous or (params.extended and chunk.finish_reason):
+                previous = chunk.text
+                yield encode_chunk(*self._wire(chunk, params))
+
+    async def generate(self, params: GenerateParams, request_id: str) -> dict[str, Any]:
+        """FastChat's `/worker_generate`: the final chunk of the stream, as one JSON object."""
+        last = StreamChunk("")
+        async for chunk in self._chunks_or_error(params, request_id):
+            if chunk is not KEEPALIVE:
+                last = chunk
+        text, error_code, extra = self._wire(last, replace(params, extended=True))
+        return chunk_body(text, error_code, extra)
+
+    async def _chunks_or_error(self, params: GenerateParams, request_id: str) -> AsyncIterator[StreamChunk]:
+        """`generate_stream`, with any failure turned into a final chunk whose error code is 1."""
         outcome = "cancelled"
         try:
             async for chunk in self.generate_stream(params, request_id):
-                if chunk is KEEPALIVE:
-                    yield b"\0"  # clients skip empty chunks; it keeps their read timeouts at bay
-                    continue
                 outcome = chunk.finish_reason or outcome
-                # The wire carries only text, so a final chunk that adds none would be a repeat.
-                if chunk.text != previous:
-                    previous = chunk.text
-                    yield encode_chunk(chunk.text)
+                yield chunk
         except Exception as exc:
             outcome = "rejected" if isinstance(exc, ShuttingDownError) else "error"
-            yield encode_chunk(describe_failure(exc, request_id), error_code=1)
+            yield StreamChunk(describe_failure(exc, request_id), finish_reason="error")
         finally:
             self.metrics.count(outcome)
 
+    @staticmethod
+    def _wire(chunk: StreamChunk, params: GenerateParams) -> tuple[str, int, dict[str, Any] | None]:
+        """Text, error code and (for FastChat) the extra fields of one chunk."""
+        error_code = 1 if chunk.finish_reason == "error" else 0
+        if not params.extended:
+            return chunk.text, error_code, None
+        # FastChat knows "stop" and "length"; running out of context is a length limit too.
+        reason = {"exceeds_context": "length", "cancelled": "stop"}.get(chunk.finish_reason or "", chunk.finish_reason)
+        extra = {"usage": usage(chunk.prompt_tokens, chunk.completion_tokens), "finish_reason": reason}
+        return chunk.text, error_code, extra
+
+    def count_tokens(self, prompt: str) -> int:
+        """FastChat's `/count_token`: tokens of the prompt text (image tokens not expanded)."""
+        return len(self.loaded.tokenizer(prompt)["input_ids"])
+
     def _sampling(self, params: GenerateParams) -> SamplingParams:
         if params.greedy:
-            return SamplingParams()
-        return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=self.engine.default_top_k)
+            return SamplingParams(presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
+        return SamplingParams(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=self.engine.default_top_k if params.top_k is None else params.top_k,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            seed=params.seed,
+        )
 
     def _finish(self, slot: Slot, record: _RequestRecord, final: GenerationOutput) -> None:
         """Runs when a request has left the engine, however it ended: frees its slot and logs it."""

@@ -1,0 +1,526 @@
+"""Production behaviour under load and failure: many clients, hang-ups, a controller restart, signals,
+keepalives, and the operability endpoints.
+
+Everything is real and on loopback: in-process workers on uvicorn, FastChat's controller and
+`python -m llava_worker` as subprocesses, tiny random-weight checkpoints. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from llava_worker.config import WorkerConfig
+from llava_worker.engine import _Request
+from llava_worker.generation import RequestStream
+from llava_worker.loader import LoadedModel
+
+from .conftest import (
+    TEXT_PROMPT,
+    Controller,
+    ModelCache,
+    RunningWorker,
+    StreamingClient,
+    free_port,
+    greedy,
+    reference_text,
+    stream_chunks,
+    wait_until,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+#: Greedy prompts for the text-only checkpoint; none reaches end-of-sequence within 480 tokens.
+PROMPTS = [
+    TEXT_PROMPT,
+    "USER: Hi. ASSISTANT:",
+    "USER: Count the stars. ASSISTANT:",
+    "USER: What is the capital of France? ASSISTANT:",
+]
+#: Close to the text-only checkpoint's 512-token context: about 2 s of decoding on this machine.
+LONG_TOKENS = 480
+#: Importing torch and transformers in a subprocess on a busy two-core machine; this bounds it.
+START_WITHIN = 240.0
+#: Once its drain is over a worker must be gone within this.
+EXIT_WITHIN = 30.0
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def text_only(checkpoints: dict[str, Path], models: ModelCache) -> LoadedModel:
+    """The text-only checkpoint as loaded in this process (for reference answers)."""
+    return models.get(WorkerConfig(model_path=str(checkpoints["text-only"]), device="cpu"))
+
+
+def post_stream(base_url: str, payload: dict[str, Any], timeout: float = 60) -> tuple[int, list[dict[str, Any]]]:
+    """HTTP status and decoded chunks of a generate request, whatever the status."""
+    with requests.post(base_url + "/worker_generate_stream", json=payload, stream=True, timeout=timeout) as r:
+        return r.status_code, [json.loads(chunk) for chunk in r.iter_lines(delimiter=b"\0") if chunk]
+
+
+def vm_rss_bytes() -> int:
+    """This process's resident set size, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            value, unit = line.split()[1:3]
+            assert unit == "kB"
+            return int(value) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def live(kind: type) -> int:
+    """Instances of `kind` still reachable after a full collection."""
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, kind))
+
+
+def run_threads(threads: list[threading.Thread], timeout: float) -> None:
+    """Starts `threads` and waits (at most `timeout` seconds in all) for every one to end."""
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = sum(1 for thread in threads if thread.is_alive())
+    assert stuck == 0, f"{stuck} of {len(threads)} client threads were still running after {timeout} s"
+
+
+class Leaver(threading.Thread):
+    """A client that reads `after` JSON chunks of its answer, then closes the connection."""
+
+    def __init__(self, url: str, payload: dict[str, Any], after: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.payload, self.after = url, payload, after
+        self.chunks: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with requests.post(self.url + "/worker_generate_stream", json=self.payload, stream=True, timeout=60) as r:
+                for chunk in r.iter_lines(delimiter=b"\0"):
+                    if chunk:
+                        self.chunks.append(json.loads(chunk))
+                    if len(self.chunks) >= self.after:
+                        break
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def metric_values(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """`/metrics`, parsed: (sample name, sorted labels) → value."""
+    response = requests.get(base_url + "/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def wait_idle(worker: RunningWorker, timeout: float = 15) -> None:
+    gate = worker.worker.gate
+
+    def idle() -> bool:
+        return gate.queue_length == 0 and gate.running == 0 and gate.waiting == 0
+
+    wait_until(idle, timeout, "every slot to come back")
+
+
+# -- 1. many concurrent clients -----------------------------------------------------------------
+
+CLIENTS = 50
+
+
+def test_200_requests_from_50_concurrent_clients_leave_nothing_behind(start_worker):
+    worker: RunningWorker = start_worker("text-only")
+    assert worker.worker.config.limit_model_concurrency == 5  # the default limit
+    loaded = worker.worker.loaded
+    expected = {prompt: prompt + reference_text(loaded, prompt, [], 12) for prompt in PROMPTS}
+    wrong: list[str] = []
+
+    def client(index: int, count: int) -> None:
+        for turn in range(count):
+            prompt = PROMPTS[(index + turn) % len(PROMPTS)]
+            try:
+                chunks = stream_chunks(worker.url, greedy(prompt, max_new_tokens=12), timeout=60)
+            except Exception as exc:
+                wrong.append(f"client {index} request {turn}: {exc!r}")
+                continue
+            final = chunks[-1] if chunks else None
+            if final != {"text": expected[prompt], "error_code": 0}:
+                wrong.append(f"client {index} request {turn}: {final}")
+
+    def round_of(count: int) -> None:
+        run_threads([threading.Thread(target=client, args=(i, count), daemon=True) for i in range(CLIENTS)], 90)
+
+    # Warm-up: the same shape of load, so lazily created threads (the event loop's executor for
+    # input preparation), allocator arenas and connection state exist before the baseline.
+    round_of(1)
+    wait_idle(worker)
+    threads, rss, fds = threading.active_count(), vm_rss_bytes(), open_fds()
+
+    round_of(4)
+    assert wrong == [], f"{len(wrong)} of {4 * CLIENTS} requests went wrong, e.g. {wrong[:3]}"
+    # The limit held, and the requests did share the decode batch.
+    assert worker.worker.engine.peak_batch == 5
+    wait_idle(worker)
+    assert worker.status()["queue_length"] == 0
+
+    # Nothing per request or per connection outlives it: threads, sockets, engine request state.
+    wait_until(lambda: threading.active_count() <= threads, 10, f"the thread count to return to {threads}")
+    wait_until(lambda: open_fds() <= fds + 2, 10, f"open file descriptors to return to {fds}")
+    assert live(_Request) == 0
+    assert live(RequestStream) == 0
+    # RSS: the tiny model's per-request state is kilobytes, so this bound is for gross leaks (a
+    # retained batch cache or thread per request, an unbounded buffer); below it, allocator noise
+    # (glibc arenas of 50 client threads, torch's CPU caching) moves RSS by a few MB either way.
+    growth = vm_rss_bytes() - rss
+    assert growth < 100 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MB over 200 requests"
+
+
+# -- 2. clients that hang up mid-stream ---------------------------------------------------------
+
+LEAVERS = 100
+LEAVE_AFTER = 3
+LEAVER_TOKENS = 400
+
+
+def test_100_clients_hanging_up_mid_stream_free_every_slot_and_stop_generation(start_worker):
+    worker: RunningWorker = start_worker("text-only")
+    engine, metrics = worker.worker.engine, worker.worker.metrics
+    loaded = worker.worker.loaded
+    prompts = PROMPTS[:2]
+    expected = {p: p + reference_text(loaded, p, [], LEAVER_TOKENS) for p in prompts}
+    steps_before = engine.steps
+    tokens_before = metrics.generated_tokens._value.get()
+
+    leavers = [
+        Leaver(worker.url, greedy(prompts[i % 2], max_new_tokens=LEAVER_TOKENS), LEAVE_AFTER) for i in range(LEAVERS)
+    ]
+    run_threads(list(leavers), 90)
+    for leaver in leavers:
+        assert leaver.error is None, leaver.error
+        assert len(leaver.chunks) == LEAVE_AFTER
+        full = expected[leaver.payload["prompt"]]
+        # What it read before leaving was the right answer, so far.
+        assert all(c["error_code"] == 0 and full.startswith(c["text"]) for c in leaver.chunks)
+
+    wait_idle(worker)
+    # The engine is idle: no decode step runs for requests whose clients have gone.
+    steps_idle = engine.steps
+    time.sleep(0.5)
+    assert engine.steps == steps_idle, "the engine kept decoding after every client had left"
+    # Had they run to the end, 100 x 400 tokens would have been generated (in 8000 batch-of-5
+    # steps); hang-ups noticed within a few tokens leave a small fraction of that.
+    generated = metrics.generated_tokens._value.get() - tokens_before
+    assert generated < LEAVERS * LEAVER_TOKENS / 10, f"{generated} tokens generated for clients that left"
+    assert engine.steps - steps_before < LEAVERS * LEAVER_TOKENS / 5 / 10
+    assert metrics.requests.labels("cancelled")._value.get() == LEAVERS
+
+    # Served as usual afterwards.
+    chunks = worker.generate(greedy(TEXT_PROMPT, max_new_tokens=12))
+    assert chunks[-1] == {"text": TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 12), "error_code": 0}
+    wait_idle(worker)
+
+
+# -- 3. the controller dies and comes back ------------------------------------------------------
+
+
+def test_requests_survive_a_controller_kill_and_the_worker_registers_again(start_worker, start_controller):
+    controller: Controller = start_controller()
+    worker: RunningWorker = start_worker(
+        "text-only", no_register=False, controller_address=controller.url, heartbeat_interval=0.5
+    )
+    name, link, loaded = worker.worker.model_name, worker.worker.controller, worker.worker.loaded
+    assert link is not None
+    wait_until(lambda: name in controller.list_models(), 20, "registration")
+    expected_long = {p: p + reference_text(loaded, p, [], LONG_TOKENS) for p in PROMPTS[:3]}
+    expected_short = TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 12)
+
+    in_flight = [StreamingClient(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in expected_long]
+    for client in in_flight:
+        client.start()
+    wait_until(lambda: all(c.chunks for c in in_flight), 20, "the long requests to be streaming")
+    assert worker.worker.gate.running == 3
+
+    process = controller._process
+    assert process is not None
+    process.kill()  # SIGKILL: no goodbye
+    process.wait(timeout=15)
+    assert worker.worker.gate.running >= 1, "the controller should die while requests run"
+    wait_until(lambda: not link.registered, 10, "the worker to notice the controller is gone")
+
+    # During the outage, requests sent straight to the worker are served, without waiting on it.
+    during = [StreamingClient(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in expected_long]
+    for client in during:
+        client.start()
+    for _ in range(3):
+        started = time.monotonic()
+        assert worker.generate(greedy(TEXT_PROMPT, max_new_tokens=12), timeout=30)[-1] == {
+            "text": expected_short,
+            "error_code": 0,
+        }
+        assert time.monotonic() - started < 10
+    for client in [*in_flight, *during]:
+        client.join(timeout=60)
+        assert not client.is_alive(), "a request did not finish within 60 s"
+        assert client.chunks[-1] == {"text": expected_long[client.payload["prompt"]], "error_code": 0}
+    assert not link.registered
+
+    restarted = start_controller(port=controller.port)
+    wait_until(lambda: name in restarted.list_models(), 20, "registration with the restarted controller")
+    assert link.registered
+    assert restarted.worker_address(name) == worker.url
+    via_controller = stream_chunks(restarted.url, {**greedy(TEXT_PROMPT, max_new_tokens=12), "model": name})
+    assert via_controller[-1] == {"text": expected_short, "error_code": 0}
+    wait_idle(worker)
+
+
+# -- 4. SIGTERM / SIGINT on a real worker process -----------------------------------------------
+
+
+class WorkerProcess:
+    """`python -m llava_worker` on 127.0.0.1 with the text-only checkpoint; stderr kept in a file."""
+
+    def __init__(self, model_path: Path, grace: float, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = log_dir / f"worker-{self.port}.err"
+        command = [
+            sys.executable,
+            "-m",
+            "llava_worker",
+            "--device",
+            "cpu",
+            "--no-register",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--model-path",
+            str(model_path),
+            "--shutdown-grace",
+            str(grace),
+        ]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_serving(self) -> WorkerProcess:
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the worker exited with {self.process.returncode}:\n{self.stderr()}")
+            try:
+                return requests.get(self.url + "/ready", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(answers, START_WITHIN, "the worker process to be ready", interval=0.2)
+        return self
+
+    def wait_exit(self) -> int:
+        try:
+            return self.process.wait(timeout=EXIT_WITHIN)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker did not exit within {EXIT_WITHIN} s:\n{self.stderr()}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def worker_processes(
+    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, WorkerProcess]]:
+    """The signal tests' workers, started together so their slow imports overlap."""
+    log_dir = tmp_path_factory.mktemp("workers")
+    model = checkpoints["text-only"]
+    processes = {
+        "generous": WorkerProcess(model, 60, log_dir),
+        "short-SIGTERM": WorkerProcess(model, 1, log_dir),
+        "short-SIGINT": WorkerProcess(model, 1, log_dir),
+    }
+    yield processes
+    for process in processes.values():
+        process.kill()
+
+
+def assert_clean_exit(worker: WorkerProcess) -> str:
+    code = worker.wait_exit()
+    stderr = worker.stderr()
+    assert code == 0, f"exit status {code}\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    return stderr
+
+
+def test_sigterm_lets_running_streams_finish_and_refuses_new_ones(worker_processes, checkpoints, models):
+    worker = worker_processes["generous"].wait_serving()
+    loaded = text_only(checkpoints, models)
+    expected = {p: p + reference_text(loaded, p, [], LONG_TOKENS) for p in PROMPTS[:3]}
+    running = [StreamingClient(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in expected]
+    for client in running:
+        client.start()
+    wait_until(lambda: all(c.chunks for c in running), 20, "the long requests to be streaming")
+
+    worker.process.send_signal(signal.SIGTERM)
+
+    def draining() -> bool:
+        return requests.get(worker.url + "/ready", timeout=5).status_code == 503
+
+    wait_until(draining, 5, "/ready to say the worker is draining")
+    ready = requests.get(worker.url + "/ready", timeout=5)
+    assert ready.json() == {"status": "not ready", "reason": "shutting down"}
+    assert requests.get(worker.url + "/health", timeout=5).json() == {"status": "ok"}  # still alive
+    status, refused = post_stream(worker.url, greedy(TEXT_PROMPT, max_new_tokens=12), timeout=10)
+    assert status == 503
+    assert len(refused) == 1 and refused[0]["error_code"] == 1
+    assert "shutting down" in refused[0]["text"]
+    # The refusal came while the long streams were still going.
+    assert all(c.is_alive() for c in running), "the long streams ended before the drain could be observed"
+
+    for client in running:
+        client.join(timeout=30)
+        assert not client.is_alive()
+        assert client.chunks[-1] == {"text": expected[client.payload["prompt"]], "error_code": 0}
+    stderr = assert_clean_exit(worker)
+    assert "received SIGTERM: draining" in stderr
+    assert "cancelling" not in stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_short_grace_cancels_running_streams_with_a_shutdown_error(worker_processes, checkpoints, models, sig):
+    worker = worker_processes[f"short-{sig.name}"].wait_serving()
+    loaded = text_only(checkpoints, models)
+    expected = {p: p + reference_text(loaded, p, [], LONG_TOKENS) for p in PROMPTS}
+    # Four at once decode more slowly than one: they certainly outlast the 1 s grace.
+    running = [StreamingClient(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in PROMPTS]
+    for client in running:
+        client.start()
+    wait_until(lambda: all(c.chunks for c in running), 20, "the long requests to be streaming")
+    signalled = time.monotonic()
+    worker.process.send_signal(sig)
+
+    for client in running:
+        client.join(timeout=30)
+        assert not client.is_alive()
+        *answer, last = client.chunks
+        assert last["error_code"] == 1 and "shutting down" in last["text"], last
+        full = expected[client.payload["prompt"]]
+        assert answer and all(c["error_code"] == 0 and full.startswith(c["text"]) for c in answer)
+        assert answer[-1]["text"] != full, "the stream should have been cut before its end"
+    assert time.monotonic() - signalled < 10
+    stderr = assert_clean_exit(worker)
+    assert f"received {sig.name}: draining" in stderr
+    assert "cancelling them" in stderr
+
+
+# -- 5. keepalive while waiting for a slot ------------------------------------------------------
+
+
+def test_a_waiting_request_gets_headers_and_nul_keepalives_before_its_answer(start_worker):
+    worker: RunningWorker = start_worker("text-only", limit_model_concurrency=1, keepalive_interval=0.3)
+    loaded = worker.worker.loaded
+    blocker = StreamingClient(worker.url, greedy(PROMPTS[1], max_new_tokens=LONG_TOKENS))
+    blocker.start()
+    wait_until(lambda: bool(blocker.chunks), 20, "the first request to be streaming")
+
+    sent = time.monotonic()
+    arrivals: list[tuple[float, bytes]] = []
+    with requests.post(
+        worker.url + "/worker_generate_stream", json=greedy(TEXT_PROMPT, max_new_tokens=12), stream=True, timeout=30
+    ) as r:
+        headers_after = time.monotonic() - sent
+        assert r.status_code == 200
+        blocker_running = blocker.is_alive()
+        waiting = worker.status()["queue_length"]
+        for byte in r.iter_content(chunk_size=1):
+            arrivals.append((time.monotonic(), byte))
+    blocker.join(timeout=30)
+
+    # Headers came at once, while the slot was still taken.
+    assert blocker_running and waiting == 2
+    assert headers_after < 1.5
+    body = b"".join(byte for _, byte in arrivals)
+    assert body.startswith(b"\0")
+    nuls = len(body) - len(body.lstrip(b"\0"))
+    assert nuls >= 3, f"only {nuls} keepalive bytes while waiting behind a ~2 s request"
+    times = [at for at, _ in arrivals[:nuls]]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert all(gap > 0.15 for gap in gaps), f"keepalives should be spaced by ~0.3 s, not {gaps}"
+    # Then the real answer, correct, as ordinary NUL-delimited chunks.
+    chunks = [json.loads(piece) for piece in body.split(b"\0") if piece]
+    assert chunks[-1] == {"text": TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 12), "error_code": 0}
+    assert blocker.chunks[-1]["error_code"] == 0
+
+
+# -- 6. /health, /ready, /metrics ---------------------------------------------------------------
+
+
+def test_health_ready_and_metrics_report_what_happened(start_worker):
+    worker: RunningWorker = start_worker("text-only")
+    loaded = worker.worker.loaded
+    health = requests.get(worker.url + "/health", timeout=5)
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    ready = requests.get(worker.url + "/ready", timeout=5)
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready", "model": worker.worker.model_name})
+
+    # Two requests end by length, one at a stop string, one by its client hanging up.
+    short = TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 12)
+    for _ in range(2):
+        assert worker.generate(greedy(TEXT_PROMPT, max_new_tokens=12))[-1] == {"text": short, "error_code": 0}
+    answer = reference_text(loaded, PROMPTS[1], [], 24)
+    stop = next(answer[i : i + 3] for i in range(6, len(answer) - 3) if answer.find(answer[i : i + 3]) == i)
+    stopped = worker.generate(greedy(PROMPTS[1], max_new_tokens=24, stop=stop))
+    assert stopped[-1] == {"text": PROMPTS[1] + answer[: answer.find(stop)], "error_code": 0}
+    leaver = Leaver(worker.url, greedy(PROMPTS[2], max_new_tokens=LEAVER_TOKENS), after=2)
+    run_threads([leaver], 30)
+    assert leaver.error is None and len(leaver.chunks) == 2
+    wait_idle(worker)
+
+    values = metric_values(worker.url)
+    outcomes = {
+        dict(labels)["outcome"]: value
+        for (sample, labels), value in values.items()
+        if sample == "llava_worker_requests_total"
+    }
+    assert {k: v for k, v in outcomes.items() if v} == {"stop": 1, "length": 2, "cancelled": 1}
+    # 12 + 12 for the length ones, at least one for the stopped one, a few for the leaver (not 400).
+    tokens = values[("llava_worker_generated_tokens_total", ())]
+    assert 12 + 12 + 1 + 2 <= tokens < 12 + 12 + 24 + LEAVER_TOKENS
+    assert tokens == worker.worker.metrics.generated_tokens._value.get()
+    assert values[("llava_worker_queue_length", ())] == 0
+    assert values[("llava_worker_running_requests", ())] == 0
+    assert values[("llava_worker_time_to_first_token_seconds_count", ())] == 4
+    assert values[("llava_worker_time_between_tokens_seconds_count", ())] > 0
+    assert values[("llava_worker_time_between_tokens_seconds_sum", ())] > 0
+
+    # With its engine stopped the worker is alive but not ready.
+    worker.worker.engine.stop()
+    not_ready = requests.get(worker.url + "/ready", timeout=10)
+    assert not_ready.status_code == 503
+    assert not_ready.json()["status"] == "not ready"
+    assert "not running" in not_ready.json()["reason"]
+    assert requests.get(worker.url + "/health", timeout=5).status_code == 200
