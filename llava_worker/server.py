@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llava_worker.conversation import conversation_template
 from llava_worker.errors import InvalidRequestError
 from llava_worker.metrics import METRICS_CONTENT_TYPE
-from llava_worker.protocol import encode_chunk, parse_generate_params
+from llava_worker.protocol import GenerateParams, encode_chunk, parse_generate_params
 from llava_worker.worker import ModelWorker, ShuttingDownError, describe_failure, new_request_id
 
 
@@ -32,36 +32,36 @@ def create_app(worker: ModelWorker) -> FastAPI:
     app = FastAPI(title="llava-worker", lifespan=lifespan)
     app.state.worker = worker
 
-    @app.post("/worker_generate_stream")
-    async def worker_generate_stream(request: Request) -> StreamingResponse:
-        request_id = new_request_id()
+    async def parse(request: Request, request_id: str) -> GenerateParams | tuple[str, int]:
+        """The request's parameters; or, when it is refused before taking a slot, (message, status)."""
         try:
             if worker.draining:
                 raise ShuttingDownError()
             body = await read_body(request, worker.config.max_request_bytes)
-            params = parse_generate_params(body, max_images=worker.config.max_images)
+            return parse_generate_params(body, max_images=worker.config.max_images)
         except (InvalidRequestError, ShuttingDownError) as exc:
-            # Refused before it takes a slot; still a stream, so every client parses it the usual way.
             refused = isinstance(exc, ShuttingDownError)
             worker.metrics.count("rejected" if refused else "invalid")
-            chunk = encode_chunk(describe_failure(exc, request_id), error_code=1)
-            return StreamingResponse(_single(chunk), status_code=503 if refused else 400)
+            return describe_failure(exc, request_id), 503 if refused else 400
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request) -> StreamingResponse:
+        request_id = new_request_id()
+        params = await parse(request, request_id)
+        if isinstance(params, tuple):
+            # Still a stream, so every client parses the refusal the usual way.
+            message, status = params
+            return StreamingResponse(_single(encode_chunk(message, error_code=1)), status_code=status)
         return StreamingResponse(worker.generate_stream_gate(params, request_id))
 
     @app.post("/worker_generate")
     async def worker_generate(request: Request) -> JSONResponse:
         """FastChat's non-streaming call: the last chunk, with `usage` and `finish_reason`."""
         request_id = new_request_id()
-        try:
-            if worker.draining:
-                raise ShuttingDownError()
-            body = await read_body(request, worker.config.max_request_bytes)
-            params = parse_generate_params(body, max_images=worker.config.max_images)
-        except (InvalidRequestError, ShuttingDownError) as exc:
-            refused = isinstance(exc, ShuttingDownError)
-            worker.metrics.count("rejected" if refused else "invalid")
-            answer = {"text": describe_failure(exc, request_id), "error_code": 1}
-            return JSONResponse(answer, status_code=503 if refused else 400)
+        params = await parse(request, request_id)
+        if isinstance(params, tuple):
+            message, status = params
+            return JSONResponse({"text": message, "error_code": 1}, status_code=status)
         return JSONResponse(await worker.generate(params, request_id))
 
     @app.post("/count_token")
