@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -271,56 +272,48 @@ def _save(out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin | Pre
     return out_dir
 
 
+def _llava_config_fields(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """What LLaVA-1.5 and LLaVA-NeXT configs share: towers, image token, feature selection."""
+    return {
+        "vision_config": _vision_config(),
+        "text_config": _text_config(tokenizer),
+        "image_token_index": tokenizer.image_token_id,
+        "image_seq_length": IMAGE_TOKENS_PER_IMAGE,
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -2,
+        "projector_hidden_act": "gelu",
+    }
+
+
+def _llava_processor_fields(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    return {
+        "tokenizer": tokenizer,
+        "patch_size": PATCH_SIZE,
+        "num_additional_image_tokens": 1,
+        "vision_feature_select_strategy": "default",
+        "chat_template": chat_template(with_images=True),
+    }
+
+
 def build_llava15(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build a tiny LLaVA-1.5 (CLIP + Llama) checkpoint with its processor into ``out_dir``."""
     tokenizer = build_tokenizer(seed)
-    config = LlavaConfig(
-        vision_config=_vision_config(),
-        text_config=_text_config(tokenizer),
-        image_token_index=tokenizer.image_token_id,
-        image_seq_length=IMAGE_TOKENS_PER_IMAGE,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        projector_hidden_act="gelu",
-    )
+    config = LlavaConfig(**_llava_config_fields(tokenizer))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     _finish_model(model, tokenizer)
-    processor = LlavaProcessor(
-        image_processor=_clip_image_processor(),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        num_additional_image_tokens=1,
-        vision_feature_select_strategy="default",
-        chat_template=chat_template(with_images=True),
-    )
+    processor = LlavaProcessor(image_processor=_clip_image_processor(), **_llava_processor_fields(tokenizer))
     return _save(Path(out_dir), model, processor)
 
 
 def build_llava_next(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build a tiny LLaVA-NeXT (any-resolution) checkpoint with its processor into ``out_dir``."""
     tokenizer = build_tokenizer(seed)
-    config = LlavaNextConfig(
-        vision_config=_vision_config(),
-        text_config=_text_config(tokenizer),
-        image_token_index=tokenizer.image_token_id,
-        image_grid_pinpoints=GRID_PINPOINTS,
-        image_seq_length=IMAGE_TOKENS_PER_IMAGE,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        projector_hidden_act="gelu",
-    )
+    config = LlavaNextConfig(**_llava_config_fields(tokenizer), image_grid_pinpoints=GRID_PINPOINTS)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
     _finish_model(model, tokenizer)
-    processor = LlavaNextProcessor(
-        image_processor=_llava_next_image_processor(),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        num_additional_image_tokens=1,
-        vision_feature_select_strategy="default",
-        chat_template=chat_template(with_images=True),
-    )
+    processor = LlavaNextProcessor(image_processor=_llava_next_image_processor(), **_llava_processor_fields(tokenizer))
     return _save(Path(out_dir), model, processor)
 
 
