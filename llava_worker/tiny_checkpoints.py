@@ -17,6 +17,9 @@ from transformers import (
     CLIPImageProcessor,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -33,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     ProcessorMixin,
+    Qwen2Config,
 )
 from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
@@ -48,6 +52,7 @@ __all__ = [
     "PATCH_SIZE",
     "build_all",
     "build_benchmark_llama",
+    "build_internvl",
     "build_llava15",
     "build_llava_next",
     "build_sliding_window",
@@ -81,6 +86,7 @@ CHECKPOINT_DIRS = {
     "llava-next": "tiny-llava-next",
     "text-only": "tiny-text-only",
     "sliding-window": "tiny-sliding-window",
+    "internvl": "tiny-internvl",
 }
 MARKER_FILE = "TINY_CHECKPOINT_COMPLETE"
 # Bump whenever the built checkpoints change, so caches built by older code are rebuilt.
@@ -145,7 +151,9 @@ def chat_template(with_images: bool) -> str:
     )
 
 
-def build_tokenizer(seed: int = DEFAULT_SEED, *, with_images: bool = True) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    seed: int = DEFAULT_SEED, *, with_images: bool = True, extra_special_tokens: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
     """Train a deterministic ~512-token byte-level BPE tokenizer with LLaVA special tokens."""
     special = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN]
     backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
@@ -173,7 +181,7 @@ def build_tokenizer(seed: int = DEFAULT_SEED, *, with_images: bool = True) -> Pr
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         # Naming the token is what creates tokenizer.image_token/image_token_id for the processors.
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN, **(extra_special_tokens or {})},
         chat_template=chat_template(with_images),
         model_max_length=MAX_POSITIONS,
         # Decoder-only batched generation is only correct with left padding.
@@ -317,6 +325,61 @@ def build_llava_next(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     return _save(Path(out_dir), model, processor)
 
 
+def build_internvl(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
+    """Build a tiny InternVL (InternViT + Qwen2); its processor needs torchvision (a video processor)."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    tokenizer = build_tokenizer(
+        seed,
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    text = _text_config(tokenizer).to_dict()
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=[IMAGE_SIZE, IMAGE_SIZE],
+            patch_size=[PATCH_SIZE, PATCH_SIZE],
+            initializer_range=INITIALIZER_RANGE,
+        ),
+        text_config=Qwen2Config(
+            **{key: text[key] for key in keep},
+            vocab_size=len(tokenizer),
+            max_position_embeddings=MAX_POSITIONS,
+            initializer_range=INITIALIZER_RANGE,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.context_image_token_id,
+        # 16 patches per image, pixel-shuffled by 0.5 in each direction: 4 image tokens.
+        image_seq_length=4,
+        downsample_ratio=0.5,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    _finish_model(model, tokenizer)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=False, max_patches=1),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=4,
+        chat_template=chat_template(with_images=True),
+    )
+    return _save(Path(out_dir), model, processor)
+
+
 def build_text_only(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build a tiny Llama causal LM with the same tokenizer (image parts dropped by its template)."""
     tokenizer = build_tokenizer(seed, with_images=False)
@@ -378,6 +441,9 @@ _BUILDERS: dict[str, Callable[[Path], Path]] = {
     "text-only": build_text_only,
     "sliding-window": build_sliding_window,
 }
+# InternVL's processor cannot be built (nor loaded) without torchvision.
+if is_torchvision_available():
+    _BUILDERS["internvl"] = build_internvl
 
 
 def _is_complete(path: Path) -> bool:

@@ -216,6 +216,8 @@ def reference_tokens(loaded: LoadedModel, prompt: str, images: list[str], max_ne
     """What `model.generate` gives greedily for the same prompt and images, computed in the test."""
     pil = [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in images]
     if loaded.processor is not None:
+        # Clients write <image>; a model family with its own marker (InternVL) gets that instead.
+        prompt = prompt.replace("<image>", loaded.processor.image_token)
         inputs = loaded.processor(text=[prompt], images=pil or None, return_tensors="pt")
     else:
         inputs = loaded.tokenizer(prompt, return_tensors="pt")

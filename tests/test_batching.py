@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -40,7 +41,18 @@ def _cases(kind: str) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-@pytest.mark.parametrize("kind", ["text-only", "llava-1.5", "llava-next"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "text-only",
+        "llava-1.5",
+        "llava-next",
+        pytest.param(
+            "internvl",
+            marks=pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision"),
+        ),
+    ],
+)
 def test_every_request_in_a_batch_gets_what_generate_gives_it_alone(start_worker, kind):
     worker = start_worker(kind, limit_model_concurrency=4)
     loaded = worker.worker.loaded

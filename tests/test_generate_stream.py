@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import logging
 import time
@@ -45,6 +46,11 @@ def test_wire_format_is_nul_delimited_json_that_only_grows(start_worker):
         previous = chunk["text"]
 
 
+needs_torchvision = pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="InternVL's processor needs torchvision"
+)
+
+
 @pytest.mark.parametrize(
     ("kind", "prompt", "images"),
     [
@@ -53,6 +59,7 @@ def test_wire_format_is_nul_delimited_json_that_only_grows(start_worker):
         ("llava-next", PROMPT_1, [encode_image(1, (64, 40))]),
         ("llava-next", PROMPT_2, [encode_image(2, (30, 70)), encode_image(3, (50, 50))]),
         ("text-only", TEXT_PROMPT, []),
+        pytest.param("internvl", PROMPT_2, [encode_image(4), encode_image(5, (50, 20))], marks=needs_torchvision),
     ],
     ids=[
         "llava-1.5-one-image",
@@ -60,6 +67,7 @@ def test_wire_format_is_nul_delimited_json_that_only_grows(start_worker):
         "llava-next-one",
         "llava-next-two-sizes",
         "text-only",
+        "internvl-two-images",
     ],
 )
 def test_streamed_text_equals_greedy_generate(start_worker, kind, prompt, images):
