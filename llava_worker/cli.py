@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="longest prompt in tokens, image tokens included (default: the model's context length)",
     )
+    limits.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="let /v1/chat/completions fetch http(s) image URLs (otherwise only data: URLs are accepted)",
+    )
+    limits.add_argument(
+        "--remote-image-timeout",
+        type=float,
+        default=defaults.remote_image_timeout,
+        help="seconds one remote image may take to arrive in full",
+    )
     return parser
 
 
@@ -135,6 +146,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         max_prompt_tokens=args.max_prompt_tokens,
+        allow_remote_images=args.allow_remote_images,
+        remote_image_timeout=args.remote_image_timeout,
     )
 
 

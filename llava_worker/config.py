@@ -70,6 +70,10 @@ class WorkerConfig:
     """Most pixels (width x height) in one image; checked before the image is decoded."""
     max_prompt_tokens: int | None = None
     """Longest prompt in tokens, image tokens included; None: only the model's context length bounds it."""
+    allow_remote_images: bool = False
+    """Let `/v1/chat/completions` fetch http(s) image URLs; without it only `data:` URLs are accepted."""
+    remote_image_timeout: float = 10.0
+    """Seconds one remote image may take to arrive in full."""
 
     @property
     def served_model_name(self) -> str:
@@ -114,6 +118,7 @@ def validate_config(config: WorkerConfig) -> None:
         "--max-image-bytes": config.max_image_bytes,
         "--max-image-pixels": config.max_image_pixels,
         "--max-prompt-tokens": config.max_prompt_tokens if config.max_prompt_tokens is not None else 1,
+        "--remote-image-timeout": config.remote_image_timeout,
     }
     for flag, value in positive.items():
         if value <= 0:

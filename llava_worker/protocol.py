@@ -33,7 +33,8 @@ class _GenerateRequestBody(BaseModel):
     prompt: str
     images: list[str] | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # 0 is valid for OpenAI and FastChat: only the most likely token is kept.
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
     stop: str | list[str] | None = None
     echo: bool | None = None
@@ -41,7 +42,8 @@ class _GenerateRequestBody(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    # torch's generators take seeds in [-2**63, 2**64).
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
 
 
 @dataclass(frozen=True)

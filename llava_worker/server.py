@@ -14,7 +14,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llava_worker.conversation import conversation_template
 from llava_worker.errors import InvalidRequestError
 from llava_worker.metrics import METRICS_CONTENT_TYPE
+from llava_worker.openai_api import openai_router
 from llava_worker.protocol import GenerateParams, encode_chunk, parse_generate_params
+from llava_worker.request_body import read_body
 from llava_worker.worker import ModelWorker, ShuttingDownError, describe_failure, new_request_id
 
 
@@ -31,6 +33,7 @@ def create_app(worker: ModelWorker) -> FastAPI:
 
     app = FastAPI(title="llava-worker", lifespan=lifespan)
     app.state.worker = worker
+    app.include_router(openai_router(worker))
 
     async def parse(request: Request, request_id: str) -> GenerateParams | tuple[str, int]:
         """The request's parameters; or, when it is refused before taking a slot, (message, status)."""
@@ -60,8 +63,10 @@ def create_app(worker: ModelWorker) -> FastAPI:
         request_id = new_request_id()
         params = await parse(request, request_id)
         if isinstance(params, tuple):
-            message, status = params
-            return JSONResponse({"text": message, "error_code": 1}, status_code=status)
+            # 200, as FastChat's own workers answer: its API server drops the body of any other status
+            # (chat clients then see a bare "Bad Request", /v1/completions fails with a 500).
+            message, _ = params
+            return JSONResponse({"text": message, "error_code": 1})
         return JSONResponse(await worker.generate(params, request_id))
 
     @app.post("/count_token")
@@ -105,19 +110,6 @@ def create_app(worker: ModelWorker) -> FastAPI:
         return Response(worker.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InvalidRequestError(f"request body of {declared} bytes is larger than the {limit} bytes accepted")
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise InvalidRequestError(f"request body is larger than the {limit} bytes accepted")
-    return bytes(body)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
