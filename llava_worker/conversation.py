@@ -6,7 +6,7 @@ from typing import Any
 
 from llava_worker.loader import LoadedModel
 
-#: LLaVA-1.5's system message (its `conv_llava_v1`, FastChat's `vicuna_v1.1`).
+#: LLaVA-1.5's system message (its `conv_llava_v1`; FastChat's `vicuna_v1.1` has the same format, "user" for "human").
 LLAVA_SYSTEM_MESSAGE = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
