@@ -190,7 +190,8 @@ class ModelWorker:
         acquiring = asyncio.ensure_future(self.gate.acquire())
         try:
             # The first keepalive goes out at once when the request has to wait, so the client gets
-            # its response headers (and a byte) without waiting for a slot.
+            # a byte (and, with servers that hold headers back until the first body chunk, its
+            # headers) without waiting for a slot.
             timeout = 0.0
             while not (await asyncio.wait({acquiring}, timeout=timeout))[0]:
                 yield KEEPALIVE

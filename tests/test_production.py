@@ -8,6 +8,7 @@ Everything is real and on loopback: in-process workers on uvicorn, FastChat's co
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import signal
@@ -33,7 +34,6 @@ from .conftest import (
     Controller,
     ModelCache,
     RunningWorker,
-    StreamingClient,
     free_port,
     greedy,
     reference_text,
@@ -48,6 +48,7 @@ PROMPTS = [
     "USER: Hi. ASSISTANT:",
     "USER: Count the stars. ASSISTANT:",
     "USER: What is the capital of France? ASSISTANT:",
+    "USER: Describe a quiet forest. ASSISTANT:",
 ]
 #: Close to the text-only checkpoint's 512-token context: about 2 s of decoding on this machine.
 LONG_TOKENS = 480
@@ -63,6 +64,17 @@ EXIT_WITHIN = 30.0
 def text_only(checkpoints: dict[str, Path], models: ModelCache) -> LoadedModel:
     """The text-only checkpoint as loaded in this process (for reference answers)."""
     return models.get(WorkerConfig(model_path=str(checkpoints["text-only"]), device="cpu"))
+
+
+_REFERENCES: dict[tuple[int, str, int], str] = {}
+
+
+def expected_text(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> str:
+    """The full cumulative text a greedy text-only request must end with (computed once per session)."""
+    key = (id(loaded), prompt, max_new_tokens)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = prompt + reference_text(loaded, prompt, [], max_new_tokens)
+    return _REFERENCES[key]
 
 
 def post_stream(base_url: str, payload: dict[str, Any], timeout: float = 60) -> tuple[int, list[dict[str, Any]]]:
@@ -81,14 +93,25 @@ def vm_rss_bytes() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
+#: Threads of asyncio's default executor (`asyncio.to_thread`), a pool the event loop grows on
+#: demand up to a fixed size and then reuses: it may grow past a warm-up, never past this.
+EXECUTOR_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
+
+def thread_census() -> tuple[int, int]:
+    """(threads outside asyncio's executor pools, threads inside them) in this process."""
+    pooled = sum(1 for thread in threading.enumerate() if thread.name.startswith("asyncio_"))
+    return threading.active_count() - pooled, pooled
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
 def live(kind: type) -> int:
-    """Instances of `kind` still reachable after a full collection."""
+    """Objects of exactly type `kind` still alive after a full collection."""
     gc.collect()
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, kind))
+    return sum(1 for obj in gc.get_objects() if type(obj) is kind)
 
 
 def run_threads(threads: list[threading.Thread], timeout: float) -> None:
@@ -102,13 +125,15 @@ def run_threads(threads: list[threading.Thread], timeout: float) -> None:
     assert stuck == 0, f"{stuck} of {len(threads)} client threads were still running after {timeout} s"
 
 
-class Leaver(threading.Thread):
-    """A client that reads `after` JSON chunks of its answer, then closes the connection."""
+class Client(threading.Thread):
+    """Reads one stream's JSON chunks, noting when each arrived; with `leave_after`, hangs up after
+    that many (leaving the `with` closes the connection: the worker sees a disconnect)."""
 
-    def __init__(self, url: str, payload: dict[str, Any], after: int) -> None:
+    def __init__(self, url: str, payload: dict[str, Any], leave_after: int | None = None) -> None:
         super().__init__(daemon=True)
-        self.url, self.payload, self.after = url, payload, after
+        self.url, self.payload, self.leave_after = url, payload, leave_after
         self.chunks: list[dict[str, Any]] = []
+        self.times: list[float] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -117,7 +142,8 @@ class Leaver(threading.Thread):
                 for chunk in r.iter_lines(delimiter=b"\0"):
                     if chunk:
                         self.chunks.append(json.loads(chunk))
-                    if len(self.chunks) >= self.after:
+                        self.times.append(time.monotonic())
+                    if self.leave_after is not None and len(self.chunks) >= self.leave_after:
                         break
         except BaseException as exc:  # reported by the test
             self.error = exc
@@ -153,7 +179,7 @@ def test_200_requests_from_50_concurrent_clients_leave_nothing_behind(start_work
     worker: RunningWorker = start_worker("text-only")
     assert worker.worker.config.limit_model_concurrency == 5  # the default limit
     loaded = worker.worker.loaded
-    expected = {prompt: prompt + reference_text(loaded, prompt, [], 12) for prompt in PROMPTS}
+    expected = {prompt: expected_text(loaded, prompt, 12) for prompt in PROMPTS}
     wrong: list[str] = []
 
     def client(index: int, count: int) -> None:
@@ -175,7 +201,7 @@ def test_200_requests_from_50_concurrent_clients_leave_nothing_behind(start_work
     # input preparation), allocator arenas and connection state exist before the baseline.
     round_of(1)
     wait_idle(worker)
-    threads, rss, fds = threading.active_count(), vm_rss_bytes(), open_fds()
+    (threads, _), rss, fds = thread_census(), vm_rss_bytes(), open_fds()
 
     round_of(4)
     assert wrong == [], f"{len(wrong)} of {4 * CLIENTS} requests went wrong, e.g. {wrong[:3]}"
@@ -185,7 +211,10 @@ def test_200_requests_from_50_concurrent_clients_leave_nothing_behind(start_work
     assert worker.status()["queue_length"] == 0
 
     # Nothing per request or per connection outlives it: threads, sockets, engine request state.
-    wait_until(lambda: threading.active_count() <= threads, 10, f"the thread count to return to {threads}")
+    # Every client thread has ended; the worker's own threads (server, engine) are the same few.
+    wait_until(lambda: thread_census()[0] <= threads, 10, f"the thread count to return to {threads}")
+    assert thread_census()[1] <= EXECUTOR_THREADS
+    # (Two descriptors of slack for anything transient; a leaked connection per request would be 200.)
     wait_until(lambda: open_fds() <= fds + 2, 10, f"open file descriptors to return to {fds}")
     assert live(_Request) == 0
     assert live(RequestStream) == 0
@@ -208,12 +237,12 @@ def test_100_clients_hanging_up_mid_stream_free_every_slot_and_stop_generation(s
     engine, metrics = worker.worker.engine, worker.worker.metrics
     loaded = worker.worker.loaded
     prompts = PROMPTS[:2]
-    expected = {p: p + reference_text(loaded, p, [], LEAVER_TOKENS) for p in prompts}
+    expected = {p: expected_text(loaded, p, LEAVER_TOKENS) for p in prompts}
     steps_before = engine.steps
     tokens_before = metrics.generated_tokens._value.get()
 
     leavers = [
-        Leaver(worker.url, greedy(prompts[i % 2], max_new_tokens=LEAVER_TOKENS), LEAVE_AFTER) for i in range(LEAVERS)
+        Client(worker.url, greedy(prompts[i % 2], max_new_tokens=LEAVER_TOKENS), LEAVE_AFTER) for i in range(LEAVERS)
     ]
     run_threads(list(leavers), 90)
     for leaver in leavers:
@@ -237,7 +266,7 @@ def test_100_clients_hanging_up_mid_stream_free_every_slot_and_stop_generation(s
 
     # Served as usual afterwards.
     chunks = worker.generate(greedy(TEXT_PROMPT, max_new_tokens=12))
-    assert chunks[-1] == {"text": TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 12), "error_code": 0}
+    assert chunks[-1] == {"text": expected_text(loaded, TEXT_PROMPT, 12), "error_code": 0}
     wait_idle(worker)
 
 
@@ -252,10 +281,10 @@ def test_requests_survive_a_controller_kill_and_the_worker_registers_again(start
     name, link, loaded = worker.worker.model_name, worker.worker.controller, worker.worker.loaded
     assert link is not None
     wait_until(lambda: name in controller.list_models(), 20, "registration")
-    expected_long = {p: p + reference_text(loaded, p, [], LONG_TOKENS) for p in PROMPTS[:3]}
-    expected_short = TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 12)
+    expected_long = {p: expected_text(loaded, p, LONG_TOKENS) for p in PROMPTS[:3]}
+    expected_short = expected_text(loaded, TEXT_PROMPT, 12)
 
-    in_flight = [StreamingClient(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in expected_long]
+    in_flight = [Client(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in expected_long]
     for client in in_flight:
         client.start()
     wait_until(lambda: all(c.chunks for c in in_flight), 20, "the long requests to be streaming")
@@ -269,7 +298,7 @@ def test_requests_survive_a_controller_kill_and_the_worker_registers_again(start
     wait_until(lambda: not link.registered, 10, "the worker to notice the controller is gone")
 
     # During the outage, requests sent straight to the worker are served, without waiting on it.
-    during = [StreamingClient(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in expected_long]
+    during = [Client(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in expected_long]
     for client in during:
         client.start()
     for _ in range(3):
@@ -282,6 +311,7 @@ def test_requests_survive_a_controller_kill_and_the_worker_registers_again(start
     for client in [*in_flight, *during]:
         client.join(timeout=60)
         assert not client.is_alive(), "a request did not finish within 60 s"
+        assert client.error is None, client.error
         assert client.chunks[-1] == {"text": expected_long[client.payload["prompt"]], "error_code": 0}
     assert not link.registered
 
@@ -351,11 +381,25 @@ class WorkerProcess:
             self.process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
+#: The tests that use `worker_processes`.
+SIGNAL_TESTS = frozenset(
+    {
+        "test_sigterm_lets_running_streams_finish_and_refuses_new_ones",
+        "test_a_short_grace_cancels_running_streams_with_a_shutdown_error",
+    }
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def worker_processes(
-    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, WorkerProcess]]:
-    """The signal tests' workers, started together so their slow imports overlap."""
+    """The signal tests' workers, launched together as this module's first test starts (when a
+    signal test is selected at all): their slow imports overlap each other and the tests before."""
+    selected = {getattr(item, "originalname", item.name) for item in request.session.items}
+    if not selected & SIGNAL_TESTS:
+        yield {}
+        return
     log_dir = tmp_path_factory.mktemp("workers")
     model = checkpoints["text-only"]
     processes = {
@@ -377,10 +421,11 @@ def assert_clean_exit(worker: WorkerProcess) -> str:
 
 
 def test_sigterm_lets_running_streams_finish_and_refuses_new_ones(worker_processes, checkpoints, models):
-    worker = worker_processes["generous"].wait_serving()
     loaded = text_only(checkpoints, models)
-    expected = {p: p + reference_text(loaded, p, [], LONG_TOKENS) for p in PROMPTS[:3]}
-    running = [StreamingClient(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in expected]
+    expected = {p: expected_text(loaded, p, LONG_TOKENS) for p in PROMPTS}  # while the worker starts
+    worker = worker_processes["generous"].wait_serving()
+    # Five long streams (the default limit) decode together: a drain of a few seconds.
+    running = [Client(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in PROMPTS]
     for client in running:
         client.start()
     wait_until(lambda: all(c.chunks for c in running), 20, "the long requests to be streaming")
@@ -388,35 +433,38 @@ def test_sigterm_lets_running_streams_finish_and_refuses_new_ones(worker_process
     worker.process.send_signal(signal.SIGTERM)
 
     def draining() -> bool:
-        return requests.get(worker.url + "/ready", timeout=5).status_code == 503
+        try:
+            return requests.get(worker.url + "/ready", timeout=5).status_code == 503
+        except requests.ConnectionError:
+            raise AssertionError("the worker stopped serving before /ready said it was draining") from None
 
-    wait_until(draining, 5, "/ready to say the worker is draining")
+    wait_until(draining, 10, "/ready to say the worker is draining")
     ready = requests.get(worker.url + "/ready", timeout=5)
     assert ready.json() == {"status": "not ready", "reason": "shutting down"}
     assert requests.get(worker.url + "/health", timeout=5).json() == {"status": "ok"}  # still alive
+    # The server is still up only while the drain lasts, so an answer at all means "during the drain".
     status, refused = post_stream(worker.url, greedy(TEXT_PROMPT, max_new_tokens=12), timeout=10)
     assert status == 503
     assert len(refused) == 1 and refused[0]["error_code"] == 1
     assert "shutting down" in refused[0]["text"]
-    # The refusal came while the long streams were still going.
-    assert all(c.is_alive() for c in running), "the long streams ended before the drain could be observed"
 
     for client in running:
         client.join(timeout=30)
-        assert not client.is_alive()
+        assert not client.is_alive() and client.error is None
         assert client.chunks[-1] == {"text": expected[client.payload["prompt"]], "error_code": 0}
     stderr = assert_clean_exit(worker)
     assert "received SIGTERM: draining" in stderr
+    assert f"draining: {len(running)} running" in stderr  # the signal came while all of them ran
     assert "cancelling" not in stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_short_grace_cancels_running_streams_with_a_shutdown_error(worker_processes, checkpoints, models, sig):
-    worker = worker_processes[f"short-{sig.name}"].wait_serving()
     loaded = text_only(checkpoints, models)
-    expected = {p: p + reference_text(loaded, p, [], LONG_TOKENS) for p in PROMPTS}
-    # Four at once decode more slowly than one: they certainly outlast the 1 s grace.
-    running = [StreamingClient(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in PROMPTS]
+    expected = {p: expected_text(loaded, p, LONG_TOKENS) for p in PROMPTS}
+    worker = worker_processes[f"short-{sig.name}"].wait_serving()
+    # Five at once decode more slowly than one: they certainly outlast the 1 s grace.
+    running = [Client(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in PROMPTS]
     for client in running:
         client.start()
     wait_until(lambda: all(c.chunks for c in running), 20, "the long requests to be streaming")
@@ -425,7 +473,7 @@ def test_a_short_grace_cancels_running_streams_with_a_shutdown_error(worker_proc
 
     for client in running:
         client.join(timeout=30)
-        assert not client.is_alive()
+        assert not client.is_alive() and client.error is None
         *answer, last = client.chunks
         assert last["error_code"] == 1 and "shutting down" in last["text"], last
         full = expected[client.payload["prompt"]]
@@ -434,6 +482,7 @@ def test_a_short_grace_cancels_running_streams_with_a_shutdown_error(worker_proc
     assert time.monotonic() - signalled < 10
     stderr = assert_clean_exit(worker)
     assert f"received {sig.name}: draining" in stderr
+    assert f"draining: {len(running)} running" in stderr
     assert "cancelling them" in stderr
 
 
@@ -443,37 +492,47 @@ def test_a_short_grace_cancels_running_streams_with_a_shutdown_error(worker_proc
 def test_a_waiting_request_gets_headers_and_nul_keepalives_before_its_answer(start_worker):
     worker: RunningWorker = start_worker("text-only", limit_model_concurrency=1, keepalive_interval=0.3)
     loaded = worker.worker.loaded
-    blocker = StreamingClient(worker.url, greedy(PROMPTS[1], max_new_tokens=LONG_TOKENS))
-    blocker.start()
-    wait_until(lambda: bool(blocker.chunks), 20, "the first request to be streaming")
+    # Two long requests ahead of it (one running, one waiting): about 2 s in line on this machine.
+    blockers = [Client(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in PROMPTS[1:3]]
+    blockers[0].start()
+    wait_until(lambda: bool(blockers[0].chunks), 20, "the first request to be streaming")
+    blockers[1].start()
+    wait_until(lambda: worker.worker.gate.waiting == 1, 10, "the second request to wait")
 
-    sent = time.monotonic()
     arrivals: list[tuple[float, bytes]] = []
     with requests.post(
         worker.url + "/worker_generate_stream", json=greedy(TEXT_PROMPT, max_new_tokens=12), stream=True, timeout=30
     ) as r:
-        headers_after = time.monotonic() - sent
+        headers_at = time.monotonic()
         assert r.status_code == 200
-        blocker_running = blocker.is_alive()
-        waiting = worker.status()["queue_length"]
+        waiting_at_first_byte = -1
         for byte in r.iter_content(chunk_size=1):
             arrivals.append((time.monotonic(), byte))
-    blocker.join(timeout=30)
+            if waiting_at_first_byte < 0:
+                waiting_at_first_byte = worker.worker.gate.waiting
+    for blocker in blockers:
+        blocker.join(timeout=30)
+        assert blocker.error is None and blocker.chunks[-1]["error_code"] == 0
 
-    # Headers came at once, while the slot was still taken.
-    assert blocker_running and waiting == 2
-    assert headers_after < 1.5
     body = b"".join(byte for _, byte in arrivals)
+    # The first byte, a lone NUL, came while the request was still in line.
     assert body.startswith(b"\0")
+    assert waiting_at_first_byte == 2
     nuls = len(body) - len(body.lstrip(b"\0"))
-    assert nuls >= 3, f"only {nuls} keepalive bytes while waiting behind a ~2 s request"
-    times = [at for at, _ in arrivals[:nuls]]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    assert all(gap > 0.15 for gap in gaps), f"keepalives should be spaced by ~0.3 s, not {gaps}"
-    # Then the real answer, correct, as ordinary NUL-delimited chunks.
+    nul_times = [at for at, _ in arrivals[:nuls]]
+    # Several lone NULs, spaced by the keepalive interval, all while the slot was taken ...
+    in_line = [at for at in nul_times if at < blockers[1].times[-1]]
+    assert len(in_line) >= 4, f"{len(in_line)} keepalive bytes while waiting ~2 s at a 0.3 s interval"
+    gaps = [b - a for a, b in itertools.pairwise(nul_times)]
+    assert all(gap > 0.15 for gap in gaps), f"keepalives should be ~0.3 s apart, not {gaps}"
+    # ... the headers long before the first JSON chunk ...
+    first_json_at = arrivals[nuls][0]
+    assert first_json_at - headers_at > 1.0
+    # ... then the real answer, correct, as ordinary NUL-delimited chunks.
     chunks = [json.loads(piece) for piece in body.split(b"\0") if piece]
-    assert chunks[-1] == {"text": TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 12), "error_code": 0}
-    assert blocker.chunks[-1]["error_code"] == 0
+    assert chunks[-1] == {"text": expected_text(loaded, TEXT_PROMPT, 12), "error_code": 0}
+    assert all(c["error_code"] == 0 and c["text"].startswith(TEXT_PROMPT) for c in chunks)
+    wait_idle(worker)
 
 
 # -- 6. /health, /ready, /metrics ---------------------------------------------------------------
@@ -488,14 +547,14 @@ def test_health_ready_and_metrics_report_what_happened(start_worker):
     assert (ready.status_code, ready.json()) == (200, {"status": "ready", "model": worker.worker.model_name})
 
     # Two requests end by length, one at a stop string, one by its client hanging up.
-    short = TEXT_PROMPT + reference_text(loaded, TEXT_PROMPT, [], 12)
+    short = expected_text(loaded, TEXT_PROMPT, 12)
     for _ in range(2):
         assert worker.generate(greedy(TEXT_PROMPT, max_new_tokens=12))[-1] == {"text": short, "error_code": 0}
     answer = reference_text(loaded, PROMPTS[1], [], 24)
     stop = next(answer[i : i + 3] for i in range(6, len(answer) - 3) if answer.find(answer[i : i + 3]) == i)
     stopped = worker.generate(greedy(PROMPTS[1], max_new_tokens=24, stop=stop))
     assert stopped[-1] == {"text": PROMPTS[1] + answer[: answer.find(stop)], "error_code": 0}
-    leaver = Leaver(worker.url, greedy(PROMPTS[2], max_new_tokens=LEAVER_TOKENS), after=2)
+    leaver = Client(worker.url, greedy(PROMPTS[2], max_new_tokens=LEAVER_TOKENS), leave_after=2)
     run_threads([leaver], 30)
     assert leaver.error is None and len(leaver.chunks) == 2
     wait_idle(worker)
