@@ -198,21 +198,36 @@ def make_test_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
 
 # The LLaVA configs declare no initializer_range of their own: the projector and lm_head fall back
 # to the text config's, so setting it on the two sub-configs covers every weight.
+def _language_fields(tokenizer: PreTrainedTokenizerFast, **sizes: int) -> dict[str, Any]:
+    """A tiny language model's config fields: `sizes` (default the tiny 64-wide, 2-layer shape), the
+    tokenizer's special ids, and the wide initialisation that makes outputs depend on the input."""
+    shape = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": MAX_POSITIONS,
+    }
+    return {
+        "vocab_size": len(tokenizer),
+        **shape,
+        **sizes,
+        "initializer_range": INITIALIZER_RANGE,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
 def _text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=MAX_POSITIONS,
-        initializer_range=INITIALIZER_RANGE,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    return LlamaConfig(**_language_fields(tokenizer))
+
+
+def _build_language_model(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Path:
+    _finish_model(model, tokenizer)
+    return _save(Path(out_dir), model, tokenizer)
 
 
 def _vision_config() -> CLIPVisionConfig:
@@ -339,8 +354,6 @@ def build_internvl(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
             "video_token": "<video>",
         },
     )
-    text = _text_config(tokenizer).to_dict()
-    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
             hidden_size=32,
@@ -351,16 +364,7 @@ def build_internvl(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
             patch_size=[PATCH_SIZE, PATCH_SIZE],
             initializer_range=INITIALIZER_RANGE,
         ),
-        text_config=Qwen2Config(
-            **{key: text[key] for key in keep},
-            vocab_size=len(tokenizer),
-            max_position_embeddings=MAX_POSITIONS,
-            initializer_range=INITIALIZER_RANGE,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=Qwen2Config(**_language_fields(tokenizer)),
         image_token_id=tokenizer.context_image_token_id,
         # 16 patches per image, pixel-shuffled by 0.5 in each direction: 4 image tokens.
         image_seq_length=4,
@@ -384,55 +388,34 @@ def build_text_only(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build a tiny Llama causal LM with the same tokenizer (image parts dropped by its template)."""
     tokenizer = build_tokenizer(seed, with_images=False)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_text_config(tokenizer))
-    _finish_model(model, tokenizer)
-    return _save(Path(out_dir), model, tokenizer)
+    return _build_language_model(out_dir, LlamaForCausalLM(_text_config(tokenizer)), tokenizer)
 
 
 def build_sliding_window(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build a tiny Mistral whose sliding-window attention gives a KV cache that cannot be batched."""
     tokenizer = build_tokenizer(seed, with_images=False)
-    base = _text_config(tokenizer).to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    config = MistralConfig(
-        **{key: base[key] for key in keep},
-        num_key_value_heads=base["num_key_value_heads"],
-        max_position_embeddings=MAX_POSITIONS,
-        # Shorter than the prompts the tests send, so the window really slides.
-        sliding_window=16,
-        initializer_range=INITIALIZER_RANGE,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    # Shorter than the prompts the tests send, so the window really slides.
+    config = MistralConfig(**_language_fields(tokenizer), sliding_window=16)
     torch.manual_seed(seed)
-    model = MistralForCausalLM(config)
-    _finish_model(model, tokenizer)
-    return _save(Path(out_dir), model, tokenizer)
+    return _build_language_model(out_dir, MistralForCausalLM(config), tokenizer)
 
 
 def build_benchmark_llama(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build the benchmark's random Llama: hidden 512, 8 layers, about 21 M parameters."""
     tokenizer = build_tokenizer(seed, with_images=False)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        initializer_range=INITIALIZER_RANGE,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        **_language_fields(
+            tokenizer,
+            hidden_size=512,
+            intermediate_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+        )
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    _finish_model(model, tokenizer)
-    return _save(Path(out_dir), model, tokenizer)
+    return _build_language_model(out_dir, LlamaForCausalLM(config), tokenizer)
 
 
 _BUILDERS: dict[str, Callable[[Path], Path]] = {
