@@ -9,6 +9,7 @@ import httpx
 
 from llava_worker.config import WorkerConfig
 from llava_worker.errors import ImageError
+from llava_worker.request_body import read_limited
 
 #: Redirects followed when fetching a remote image.
 MAX_IMAGE_REDIRECTS = 3
@@ -58,13 +59,10 @@ async def fetch_image(client: httpx.AsyncClient, url: str, label: str, max_bytes
                 continue
             if response.status_code != 200:
                 raise ImageError(f"{label} could not be fetched: HTTP {response.status_code} from {url}")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise ImageError(f"{label} is larger than the {max_bytes} bytes accepted")
-            body = bytearray()
-            async for piece in response.aiter_bytes():
-                body += piece
-                if len(body) > max_bytes:
-                    raise ImageError(f"{label} is larger than the {max_bytes} bytes accepted")
-            return bytes(body)
+            return await read_limited(
+                response.aiter_bytes(),
+                response.headers.get("content-length"),
+                max_bytes,
+                lambda _: ImageError(f"{label} is larger than the {max_bytes} bytes accepted"),
+            )
     raise ImageError(f"{label} was redirected more than {MAX_IMAGE_REDIRECTS} times")
