@@ -29,18 +29,9 @@ class TextAccumulator:
         """True once a stop string has appeared; no more tokens are taken after that."""
 
     @property
-    def token_count(self) -> int:
-        return len(self._ids)
-
-    @property
     def token_ids(self) -> list[int]:
         """Every token generated so far (the list itself: read it, do not change it)."""
         return self._ids
-
-    @property
-    def text(self) -> str:
-        """All text decoded so far (up to the stop string, when one was hit)."""
-        return self._text
 
     def add(self, token_ids: list[int]) -> None:
         """Appends newly generated tokens; ignored once a stop string was hit."""
