@@ -33,7 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="facebook/opt-350m",
         help="checkpoint directory or Hugging Face hub id (e.g. llava-hf/llava-1.5-7b-hf)",
     )
-    parser.add_argument("--model-base", default=None, help="base model for LoRA / projector-only checkpoints")
+    parser.add_argument(
+        "--model-base",
+        default=None,
+        help="base language model of a LoRA or projector-only checkpoint (original LLaVA layout), or of a plain LoRA",
+    )
+    parser.add_argument(
+        "--vision-tower",
+        default=None,
+        help="CLIP tower (hub id or local directory) for an original-format LLaVA checkpoint, "
+        "instead of the mm_vision_tower its config names",
+    )
+    parser.add_argument(
+        "--pad-images",
+        action="store_true",
+        help="llava-hf LLaVA-1.5 checkpoints: pad images to a square of the mean colour, as the original "
+        "LLaVA does, instead of centre-cropping them",
+    )
     parser.add_argument(
         "--model-name", default=None, help="name announced to the controller (default: from --model-path)"
     )
@@ -128,6 +144,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
         worker_address=args.worker_address,
         controller_address=args.controller_address,
         model_base=args.model_base,
+        vision_tower=args.vision_tower,
+        pad_images=args.pad_images,
         model_name=args.model_name,
         device=args.device,
         multi_modal=args.multi_modal,

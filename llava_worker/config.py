@@ -31,6 +31,10 @@ class WorkerConfig:
     """URL of the LLaVA/FastChat controller."""
     model_base: str | None = None
     """Base model for LoRA / projector-only checkpoints."""
+    vision_tower: str | None = None
+    """CLIP tower (hub id or directory) for original-format checkpoints, instead of their `mm_vision_tower`."""
+    pad_images: bool = False
+    """llava-hf LLaVA-1.5 checkpoints: pad images to a square (the original's way) instead of centre-cropping."""
     model_name: str | None = None
     """Name announced to the controller; derived from `model_path` when absent."""
     device: str = "cuda"
@@ -125,8 +129,3 @@ def validate_config(config: WorkerConfig) -> None:
             raise StartupError(f"{flag} must be positive, not {value}")
     if config.shutdown_grace < 0:
         raise StartupError(f"--shutdown-grace must not be negative, not {config.shutdown_grace}")
-    if config.model_base is not None:
-        raise StartupError(
-            "--model-base (LoRA and projector-only checkpoints in the original LLaVA layout) "
-            "is not supported by this version"
-        )

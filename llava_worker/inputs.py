@@ -10,6 +10,7 @@ import torch
 from llava_worker.errors import ImageError, InvalidRequestError, plural
 from llava_worker.images import ImageLimits, decode_image
 from llava_worker.loader import LoadedModel
+from llava_worker.original_inputs import pad_to_square
 
 #: The placeholder clients put in the prompt, one per image (LLaVA's convention).
 IMAGE_PLACEHOLDER = "<image>"
@@ -61,6 +62,8 @@ def prepare_inputs(
         tensors = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     else:
         images = [decode_image(data, index, image_limits) for index, data in enumerate(encoded_images)]
+        if loaded.square_pad_colour is not None:
+            images = [pad_to_square(image, loaded.square_pad_colour) for image in images]
         text = prompt
         image_token = loaded.image_token
         if image_token and image_token != IMAGE_PLACEHOLDER:

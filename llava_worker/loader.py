@@ -21,8 +21,11 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from llava_worker.checkpoint_files import local_directory, one_line, read_raw_config
 from llava_worker.config import DEFAULT_CONTEXT_LENGTH, WorkerConfig, validate_config
 from llava_worker.errors import StartupError
+from llava_worker.original_checkpoint import is_original_config
+from llava_worker.original_loader import plan_original_load
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,9 @@ class LoadedModel:
     device: torch.device
     """Where inputs go (the device of the first layers when the model is spread over several)."""
     dtype: torch.dtype
+    square_pad_colour: tuple[int, ...] | None = None
+    """When set (`--pad-images`), images are centred on a square of this colour before the processor
+    sees them, as the original LLaVA prepares them, instead of being centre-cropped."""
 
     @property
     def image_token(self) -> str | None:
@@ -68,6 +74,13 @@ def load_model(config: WorkerConfig) -> LoadedModel:
     validate_config(config)
     device = resolve_device(config.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
+    raw = read_raw_config(config.model_path)
+    if config.model_base is not None or (raw is not None and is_original_config(raw)):
+        return _load_original_format(config, raw, device, dtype)
+    if config.vision_tower is not None:
+        raise StartupError(
+            f"--vision-tower is for checkpoints in the original LLaVA layout; {config.model_path} names its own tower"
+        )
     model_config = _load_config(config.model_path)
     is_vlm = _is_vision_language(model_config)
     if config.multi_modal and not is_vlm:
@@ -75,16 +88,13 @@ def load_model(config: WorkerConfig) -> LoadedModel:
             f"--multi-modal was given, but {config.model_path} (model_type "
             f"{model_config.model_type!r}) is not a vision-language model that transformers can load"
         )
+    if config.pad_images and model_config.model_type != "llava":
+        raise StartupError(
+            f"--pad-images is for LLaVA-1.5-style checkpoints; {config.model_path} is a "
+            f"{model_config.model_type!r} model, which prepares images its own way"
+        )
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    # "auto" spreads a model over every visible GPU; elsewhere everything goes on the one device.
-    kwargs["device_map"] = "auto" if device.type == "cuda" else {"": device}
-    if config.use_flash_attn:
-        kwargs["attn_implementation"] = "flash_attention_2"
-    quantization = _quantization_config(config, model_config, is_vlm, dtype)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-
+    kwargs = _load_kwargs(config, model_config, is_vlm, device, dtype)
     try:
         if is_vlm:
             processor = AutoProcessor.from_pretrained(config.model_path)
@@ -95,9 +105,53 @@ def load_model(config: WorkerConfig) -> LoadedModel:
             tokenizer = AutoTokenizer.from_pretrained(config.model_path)
             model = AutoModelForCausalLM.from_pretrained(config.model_path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        raise StartupError(f"cannot load {config.model_path}: {_one_line(exc)}") from exc
-    model.eval()
+        raise StartupError(f"cannot load {config.model_path}: {one_line(exc)}") from exc
+    pad_colour = None
+    if config.pad_images:
+        pad_colour = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+    return _loaded(config, model, tokenizer, processor, model_config, is_vlm, dtype, pad_colour)
 
+
+def _load_original_format(
+    config: WorkerConfig, raw: dict[str, Any] | None, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
+    """An original-format LLaVA checkpoint (or a LoRA over `--model-base`), built in memory."""
+    directory = local_directory(config.model_path, "--model-path")
+    plan = plan_original_load(config, directory, raw)
+    if config.multi_modal and not plan.takes_images:
+        raise StartupError(f"--multi-modal was given, but {config.model_path} is a LoRA over a language model")
+    if config.pad_images:
+        logger.info("--pad-images changes nothing here: original LLaVA checkpoints prepare images as their config says")
+    kwargs = _load_kwargs(config, plan.model_config, plan.takes_images, device, dtype)
+    model, processor = plan.load(kwargs)
+    return _loaded(config, model, plan.tokenizer, processor, plan.model_config, plan.takes_images, dtype, None)
+
+
+def _load_kwargs(
+    config: WorkerConfig, model_config: PretrainedConfig, is_vlm: bool, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    # "auto" spreads a model over every visible GPU; elsewhere everything goes on the one device.
+    kwargs["device_map"] = "auto" if device.type == "cuda" else {"": device}
+    if config.use_flash_attn:
+        kwargs["attn_implementation"] = "flash_attention_2"
+    quantization = _quantization_config(config, model_config, is_vlm, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    return kwargs
+
+
+def _loaded(
+    config: WorkerConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    processor: Any | None,
+    model_config: PretrainedConfig,
+    is_vlm: bool,
+    dtype: torch.dtype,
+    pad_colour: tuple[int, ...] | None,
+) -> LoadedModel:
+    model.eval()
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -106,6 +160,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         context_length=context_length_of(model_config),
         device=model.device,
         dtype=dtype,
+        square_pad_colour=pad_colour,
     )
     logger.info(
         "loaded %s (%s, %s, %s on %s, context %d tokens, images: %s)",
@@ -132,23 +187,11 @@ def context_length_of(model_config: PretrainedConfig) -> int:
 
 
 def _load_config(model_path: str) -> PretrainedConfig:
-    if not os.path.isdir(model_path) and _looks_local(model_path):
-        raise StartupError(f"--model-path {model_path} does not exist")
     try:
         return AutoConfig.from_pretrained(model_path)
     except Exception as exc:  # the hub client raises many types; all mean "cannot use this path"
         where = "a local directory" if os.path.isdir(model_path) else "a model on the Hugging Face hub"
-        raise StartupError(f"--model-path {model_path} is not usable as {where}: {_one_line(exc)}") from exc
-
-
-def _looks_local(model_path: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else can only mean a local path."""
-    return (
-        model_path.startswith(("/", ".", "~"))
-        or model_path.count("/") > 1
-        or os.path.exists(model_path)
-        or "\\" in model_path
-    )
+        raise StartupError(f"--model-path {model_path} is not usable as {where}: {one_line(exc)}") from exc
 
 
 def _is_vision_language(model_config: PretrainedConfig) -> bool:
@@ -191,8 +234,3 @@ def _non_language_modules(model_config: PretrainedConfig) -> list[str]:
         for name, _ in base.named_children()
         if name != "language_model" and not name.startswith("lm_head")
     ]
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 400 else text[:397] + "..."

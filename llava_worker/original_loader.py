@@ -1,0 +1,321 @@
+"""Builds, in memory, the transformers model equivalent to an original-format LLaVA checkpoint (full,
+LoRA over `--model-base`, projector-only over `--model-base`), or a plain LoRA over a language model.
+
+Loading is split in two: `plan_original_load` reads only configs and the tokenizer, so the caller can
+choose dtype, device map and quantization from the resulting transformers config; `OriginalPlan.load`
+then reads, renames and merges the weights and builds the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from llava_worker.checkpoint_files import local_directory, looks_local, one_line, read_weights
+from llava_worker.config import WorkerConfig
+from llava_worker.errors import StartupError
+from llava_worker.original_checkpoint import (
+    Layout,
+    OriginalCheckpoint,
+    describe_checkpoint,
+    is_original_config,
+    language_config,
+    llava_config,
+)
+from llava_worker.original_inputs import OriginalProcessor
+from llava_worker.original_weights import (
+    as_transformers_projector,
+    merge_lora,
+    projector_module,
+    read_lora_trainables,
+    read_projector_only,
+    to_transformers_keys,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OriginalPlan:
+    """What an original-format (or plain LoRA) checkpoint becomes, decided before any weight is read."""
+
+    model_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    directory: Path
+    base_directory: Path | None
+    checkpoint: OriginalCheckpoint | None
+    """None for a plain LoRA over a language model."""
+    image_processor: CLIPImageProcessorPil | None = None
+
+    @property
+    def takes_images(self) -> bool:
+        return self.checkpoint is not None
+
+    def load(self, load_kwargs: dict[str, Any]) -> tuple[PreTrainedModel, OriginalProcessor | None]:
+        """Reads the weights and builds the model with `load_kwargs` (dtype, device map, quantization)."""
+        if self.checkpoint is None:
+            assert self.base_directory is not None
+            weights = read_weights(self.base_directory)
+            merge_lora(weights, self.directory)
+            model = _from_state_dict(AutoModelForCausalLM, self.model_config, weights, load_kwargs, set())
+            return model, None
+        return self._load_llava(self.checkpoint, load_kwargs)
+
+    def _load_llava(
+        self, checkpoint: OriginalCheckpoint, load_kwargs: dict[str, Any]
+    ) -> tuple[PreTrainedModel, OriginalProcessor]:
+        if checkpoint.layout is Layout.FULL:
+            weights = read_weights(self.directory)
+        else:
+            assert self.base_directory is not None
+            weights = read_weights(self.base_directory)
+            if checkpoint.layout is Layout.LORA:
+                weights.update(read_lora_trainables(self.directory))
+                merge_lora(weights, self.directory)
+            else:
+                weights.update(read_projector_only(self.directory))
+        state, projector, shipped_tower = to_transformers_keys(weights, checkpoint.ships_vision_tower)
+        del weights
+        if not projector:
+            raise StartupError(f"{self.directory.name}: no mm_projector weights were found")
+        if checkpoint.anyres and "model.image_newline" not in state:
+            raise StartupError(f"{self.directory.name}: an anyres checkpoint without model.image_newline")
+        vision_config = self.model_config.vision_config
+        state.update(_tower_weights(checkpoint, vision_config, shipped_tower, load_kwargs.get("dtype")))
+
+        transformers_projector = (
+            as_transformers_projector(projector) if checkpoint.projector_type == "mlp2x_gelu" else None
+        )
+        if transformers_projector is not None:
+            state.update(transformers_projector)
+        model_class = LlavaNextForConditionalGeneration if checkpoint.anyres else LlavaForConditionalGeneration
+        # transformers' projector is always two layers; any other is put in place after loading.
+        replaced = set() if transformers_projector is not None else {"model.multi_modal_projector."}
+        model = _from_state_dict(model_class, self.model_config, state, load_kwargs, replaced)
+        if transformers_projector is None:
+            _replace_projector(model, checkpoint, projector)
+        image_token_id = int(self.model_config.image_token_id)
+        _make_room_for_image_token(model, image_token_id)
+        assert self.image_processor is not None
+        processor = OriginalProcessor(
+            tokenizer=self.tokenizer,
+            image_processor=self.image_processor,
+            checkpoint=checkpoint,
+            image_token_id=image_token_id,
+            vision_config=vision_config,
+        )
+        return model, processor
+
+
+def plan_original_load(config: WorkerConfig, directory: Path, raw: dict[str, Any] | None) -> OriginalPlan:
+    """Plans loading `directory` (the local copy of `--model-path`), whose raw config is `raw`:
+    an original-format LLaVA checkpoint, or, with `--model-base`, a plain LoRA adapter."""
+    name = directory.name
+    base = local_directory(config.model_base, "--model-base") if config.model_base else None
+    if raw is None or not is_original_config(raw):
+        if not (directory / "adapter_config.json").is_file():
+            raise StartupError(
+                f"--model-base is only for LoRA adapters and projector-only LLaVA checkpoints; "
+                f"{name} is neither (it has no adapter_config.json or mm_projector.bin)"
+            )
+        if base is None:
+            raise StartupError(f"{name} is a LoRA adapter: give the model it adapts with --model-base")
+        return OriginalPlan(
+            model_config=_auto_config(base, "--model-base"),
+            tokenizer=_tokenizer(base),
+            directory=directory,
+            base_directory=base,
+            checkpoint=None,
+        )
+
+    checkpoint = describe_checkpoint(directory, raw, config.vision_tower)
+    if checkpoint.layout is Layout.FULL and base is not None:
+        raise StartupError(
+            f"--model-base is only for LoRA and projector-only checkpoints; {name} is a full checkpoint "
+            "(drop --model-base)"
+        )
+    if checkpoint.layout is not Layout.FULL and base is None:
+        raise StartupError(
+            f"{name} is a {checkpoint.layout.value} LLaVA checkpoint: give the language model it was trained "
+            "from with --model-base (for LLaVA-1.5, lmsys/vicuna-7b-v1.5 or -13b-v1.5)"
+        )
+    # The original takes the base's tokenizer for LoRA and projector-only checkpoints.
+    tokenizer = _tokenizer(base if base is not None else directory)
+    if checkpoint.added_tokens:
+        tokenizer.add_tokens(checkpoint.added_tokens, special_tokens=True)
+    text_config = language_config(raw, checkpoint.language)
+    vocab_size = int(text_config.vocab_size)
+    if len(tokenizer) > vocab_size:
+        raise StartupError(
+            f"{name}: the tokenizer has {len(tokenizer)} tokens (with {', '.join(checkpoint.added_tokens) or 'none'} "
+            f"added, as mm_use_im_patch_token / mm_use_im_start_end ask) but the model only {vocab_size}"
+        )
+    vision_config = _vision_config(checkpoint.vision_tower)
+    mm_hidden_size = raw.get("mm_hidden_size", vision_config.hidden_size)
+    if mm_hidden_size != vision_config.hidden_size:
+        raise StartupError(
+            f"{name}: mm_hidden_size = {mm_hidden_size}, but the vision tower {checkpoint.vision_tower} has "
+            f"hidden size {vision_config.hidden_size}"
+        )
+    # The original splices image features in at id -200, never embedded; an id just past the
+    # vocabulary plays that part without changing any logit.
+    model_config = llava_config(checkpoint, text_config, vision_config, image_token_id=vocab_size)
+    return OriginalPlan(
+        model_config=model_config,
+        tokenizer=tokenizer,
+        directory=directory,
+        base_directory=base,
+        checkpoint=checkpoint,
+        image_processor=_image_processor(checkpoint.vision_tower),
+    )
+
+
+def _tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, ImportError) as exc:
+        raise StartupError(f"cannot load the tokenizer of {directory}: {one_line(exc)}") from exc
+    return tokenizer
+
+
+def _auto_config(directory: Path, flag: str) -> PretrainedConfig:
+    try:
+        config: PretrainedConfig = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"{flag} {directory}: {one_line(exc)}") from exc
+    return config
+
+
+def _check_tower_path(tower: str) -> None:
+    if looks_local(tower) and not Path(tower).expanduser().is_dir():
+        raise StartupError(
+            f"the vision tower {tower} does not exist (mm_vision_tower in config.json; "
+            "point --vision-tower at a local copy)"
+        )
+
+
+def _vision_config(tower: str) -> CLIPVisionConfig:
+    _check_tower_path(tower)
+    try:
+        model_type = AutoConfig.from_pretrained(tower).model_type
+        config = CLIPVisionConfig.from_pretrained(tower)
+    except Exception as exc:  # hub and parsing errors come in many types; all mean "unusable tower"
+        raise StartupError(
+            f"the vision tower {tower} cannot be loaded (mm_vision_tower in config.json; without network, "
+            f"point --vision-tower at a local copy): {one_line(exc)}"
+        ) from exc
+    if model_type not in ("clip", "clip_vision_model"):
+        raise StartupError(f"the vision tower {tower} is a {model_type!r} model; original LLaVA checkpoints use CLIP")
+    return config
+
+
+def _image_processor(tower: str) -> CLIPImageProcessorPil:
+    # The PIL image processor is the one that reproduces the original's pixels exactly.
+    try:
+        processor: CLIPImageProcessorPil = CLIPImageProcessorPil.from_pretrained(tower)
+    except Exception as exc:  # as in _vision_config
+        raise StartupError(f"the vision tower {tower} has no usable image processor: {one_line(exc)}") from exc
+    return processor
+
+
+def _tower_weights(
+    checkpoint: OriginalCheckpoint,
+    vision_config: CLIPVisionConfig,
+    shipped: dict[str, torch.Tensor],
+    dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """The tower's weights under the Llava model's names: the checkpoint's own fine-tuned tower when it
+    ships one (LLaVA-1.6), completed from the tower checkpoint otherwise."""
+    weights: dict[str, torch.Tensor] = {}
+    with torch.device("meta"):
+        expected = set(CLIPVisionModel(vision_config).state_dict())
+    if not expected <= set(shipped):
+        try:
+            tower = CLIPVisionModel.from_pretrained(checkpoint.vision_tower, dtype=dtype)
+        except Exception as exc:  # as in _vision_config
+            raise StartupError(f"the vision tower {checkpoint.vision_tower} cannot be loaded: {one_line(exc)}") from exc
+        weights = {key: value.detach() for key, value in tower.state_dict().items()}
+    weights.update({key: value for key, value in shipped.items() if key in expected})
+    return {f"model.vision_tower.{key}": value for key, value in weights.items()}
+
+
+def _from_state_dict(
+    model_class: Any,
+    model_config: PretrainedConfig,
+    state: dict[str, torch.Tensor],
+    load_kwargs: dict[str, Any],
+    replaced_prefixes: set[str],
+) -> PreTrainedModel:
+    """`from_pretrained` on weights already in memory; refuses to start on missing weights, which
+    transformers would otherwise fill with random values."""
+    try:
+        model, info = model_class.from_pretrained(
+            None, config=model_config, state_dict=state, output_loading_info=True, **load_kwargs
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise StartupError(f"cannot build the model: {one_line(exc)}") from exc
+    missing = [key for key in info.get("missing_keys", []) if not key.startswith(tuple(replaced_prefixes))]
+    if missing:
+        raise StartupError(
+            f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {', '.join(missing[:3])}"
+        )
+    result: PreTrainedModel = model
+    return result
+
+
+def _replace_projector(
+    model: PreTrainedModel, checkpoint: OriginalCheckpoint, weights: dict[str, torch.Tensor]
+) -> None:
+    base = model.model
+    old = base.multi_modal_projector
+    config = model.config
+    projector = projector_module(
+        checkpoint.projector_type, config.vision_config.hidden_size, config.text_config.hidden_size
+    )
+    try:
+        projector.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise StartupError(
+            f"the mm_projector weights do not fit mm_projector_type {checkpoint.projector_type!r}: {one_line(exc)}"
+        ) from exc
+    reference = next(old.parameters())
+    base.multi_modal_projector = projector.to(device=reference.device, dtype=reference.dtype)
+
+
+def _make_room_for_image_token(model: PreTrainedModel, image_token_id: int) -> None:
+    """Extends the input embedding (only: lm_head keeps its size, so logits are unchanged) to embed the
+    image token, whose embedding is replaced by image features before the language model sees it."""
+    embeddings = model.get_input_embeddings()
+    assert isinstance(embeddings, nn.Embedding)
+    if embeddings.num_embeddings > image_token_id:
+        return
+    weight = embeddings.weight
+    extended = nn.Embedding(
+        image_token_id + 1,
+        weight.shape[1],
+        padding_idx=embeddings.padding_idx,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        extended.weight.zero_()
+        extended.weight[: weight.shape[0]] = weight
+    model.set_input_embeddings(extended)
