@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -28,6 +27,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from llava_worker.checkpoint_files import local_directory, looks_local, one_line, read_weights
 from llava_worker.config import WorkerConfig
@@ -75,7 +75,9 @@ class OriginalPlan:
             assert self.base_directory is not None
             weights = read_weights(self.base_directory)
             merge_lora(weights, self.directory)
-            model = _from_state_dict(AutoModelForCausalLM, self.model_config, weights, load_kwargs, set())
+            # from_pretrained(None, ...) needs the concrete class; the Auto class wants a path.
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(self.model_config)]
+            model = _from_state_dict(model_class, self.model_config, weights, load_kwargs)
             return model, None
         return self._load_llava(self.checkpoint, load_kwargs)
 
@@ -99,17 +101,16 @@ class OriginalPlan:
         if checkpoint.anyres and "model.image_newline" not in state:
             raise StartupError(f"{self.directory.name}: an anyres checkpoint without model.image_newline")
         vision_config = self.model_config.vision_config
-        state.update(_tower_weights(checkpoint, vision_config, shipped_tower, load_kwargs.get("dtype")))
+        state.update(_tower_weights(checkpoint, vision_config, shipped_tower))
 
         transformers_projector = (
             as_transformers_projector(projector) if checkpoint.projector_type == "mlp2x_gelu" else None
         )
-        if transformers_projector is not None:
-            state.update(transformers_projector)
+        # transformers' projector is always two layers; any other is put in place after loading, and
+        # until then zero-stride placeholders (no memory) keep the load from reporting it missing.
+        state.update(transformers_projector or _projector_placeholders(self.model_config))
         model_class = LlavaNextForConditionalGeneration if checkpoint.anyres else LlavaForConditionalGeneration
-        # transformers' projector is always two layers; any other is put in place after loading.
-        replaced = set() if transformers_projector is not None else {"model.multi_modal_projector."}
-        model = _from_state_dict(model_class, self.model_config, state, load_kwargs, replaced)
+        model = _from_state_dict(model_class, self.model_config, state, load_kwargs)
         if transformers_projector is None:
             _replace_projector(model, checkpoint, projector)
         image_token_id = int(self.model_config.image_token_id)
@@ -157,11 +158,11 @@ def plan_original_load(config: WorkerConfig, directory: Path, raw: dict[str, Any
             f"{name} is a {checkpoint.layout.value} LLaVA checkpoint: give the language model it was trained "
             "from with --model-base (for LLaVA-1.5, lmsys/vicuna-7b-v1.5 or -13b-v1.5)"
         )
+    text_config = language_config(raw, checkpoint.language)
     # The original takes the base's tokenizer for LoRA and projector-only checkpoints.
-    tokenizer = _tokenizer(base if base is not None else directory)
+    tokenizer = _tokenizer(base if base is not None else directory, text_config)
     if checkpoint.added_tokens:
         tokenizer.add_tokens(checkpoint.added_tokens, special_tokens=True)
-    text_config = language_config(raw, checkpoint.language)
     vocab_size = int(text_config.vocab_size)
     if len(tokenizer) > vocab_size:
         raise StartupError(
@@ -188,9 +189,11 @@ def plan_original_load(config: WorkerConfig, directory: Path, raw: dict[str, Any
     )
 
 
-def _tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+def _tokenizer(directory: Path, model_config: PretrainedConfig | None = None) -> PreTrainedTokenizerBase:
     try:
-        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(directory)
+        # Given the config, AutoTokenizer does not read config.json, which it cannot parse (llava_llama)
+        # or misreads (plain "llava") for original checkpoints.
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(directory, config=model_config)
     except (OSError, ValueError, ImportError) as exc:
         raise StartupError(f"cannot load the tokenizer of {directory}: {one_line(exc)}") from exc
     return tokenizer
@@ -237,24 +240,24 @@ def _image_processor(tower: str) -> CLIPImageProcessorPil:
 
 
 def _tower_weights(
-    checkpoint: OriginalCheckpoint,
-    vision_config: CLIPVisionConfig,
-    shipped: dict[str, torch.Tensor],
-    dtype: torch.dtype | None,
+    checkpoint: OriginalCheckpoint, vision_config: CLIPVisionConfig, shipped: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The tower's weights under the Llava model's names: the checkpoint's own fine-tuned tower when it
-    ships one (LLaVA-1.6), completed from the tower checkpoint otherwise."""
-    weights: dict[str, torch.Tensor] = {}
+    ships one (LLaVA-1.6), else the vision half of the tower checkpoint (a full CLIP, like openai's)."""
     with torch.device("meta"):
         expected = set(CLIPVisionModel(vision_config).state_dict())
+    weights: dict[str, torch.Tensor] = {}
     if not expected <= set(shipped):
-        try:
-            tower = CLIPVisionModel.from_pretrained(checkpoint.vision_tower, dtype=dtype)
-        except Exception as exc:  # as in _vision_config
-            raise StartupError(f"the vision tower {checkpoint.vision_tower} cannot be loaded: {one_line(exc)}") from exc
-        weights = {key: value.detach() for key, value in tower.state_dict().items()}
-    weights.update({key: value for key, value in shipped.items() if key in expected})
-    return {f"model.vision_tower.{key}": value for key, value in weights.items()}
+        tower_files = read_weights(local_directory(checkpoint.vision_tower, "the vision tower"))
+        # A full CLIP checkpoint names its vision half vision_model.*; a CLIPVisionModel's own save may not.
+        weights = {key.removeprefix("vision_model."): value for key, value in tower_files.items()}
+        absent = expected - set(weights)
+        if absent:
+            raise StartupError(
+                f"the vision tower {checkpoint.vision_tower} lacks {len(absent)} CLIP weights, e.g. {min(absent)}"
+            )
+    weights.update(shipped)
+    return {f"model.vision_tower.{key}": value for key, value in weights.items() if key in expected}
 
 
 def _from_state_dict(
@@ -262,7 +265,6 @@ def _from_state_dict(
     model_config: PretrainedConfig,
     state: dict[str, torch.Tensor],
     load_kwargs: dict[str, Any],
-    replaced_prefixes: set[str],
 ) -> PreTrainedModel:
     """`from_pretrained` on weights already in memory; refuses to start on missing weights, which
     transformers would otherwise fill with random values."""
@@ -272,13 +274,21 @@ def _from_state_dict(
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise StartupError(f"cannot build the model: {one_line(exc)}") from exc
-    missing = [key for key in info.get("missing_keys", []) if not key.startswith(tuple(replaced_prefixes))]
+    missing = sorted(info.get("missing_keys", []))
     if missing:
         raise StartupError(
             f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {', '.join(missing[:3])}"
         )
     result: PreTrainedModel = model
     return result
+
+
+def _projector_placeholders(model_config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    vision = model_config.vision_config.hidden_size
+    text = model_config.text_config.hidden_size
+    shapes = {"linear_1.weight": (text, vision), "linear_1.bias": (text,), "linear_2.weight": (text, text)}
+    shapes["linear_2.bias"] = (text,)
+    return {f"model.multi_modal_projector.{name}": torch.zeros(1).expand(shape) for name, shape in shapes.items()}
 
 
 def _replace_projector(

@@ -72,7 +72,7 @@ ORIGINAL_CHECKPOINT_DIRS: dict[str, str] = {
     "llava-v1-linear": "tiny-original-llava-v1-linear",
 }
 # Independent of tiny_checkpoints.BUILD_VERSION: bump when anything built here changes.
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 
 SPM_VOCAB_SIZE = 600
 MM_HIDDEN_SIZE = 32
@@ -182,9 +182,9 @@ def _write_tokenizer(out_dir: Path, added: Sequence[str] = ()) -> PreTrainedToke
         "unk_token": {"__type": "AddedToken", **_added_token("<unk>")},
     }
     if added:
-        ids = {token: SPM_VOCAB_SIZE + index for index, token in enumerate(added)}
-        config["added_tokens_decoder"] = {str(i): {**_added_token(t), "special": True} for t, i in ids.items()}
-        _write_json(out_dir / "added_tokens.json", ids)
+        # added_tokens.json alone, as LLaVA v1 repos (transformers 4.31) have it: an added_tokens_decoder
+        # in tokenizer_config.json would make transformers 5 ignore special_tokens_map.json (pad = unk).
+        _write_json(out_dir / "added_tokens.json", {t: SPM_VOCAB_SIZE + i for i, t in enumerate(added)})
     _write_json(out_dir / "tokenizer_config.json", config)
     # LLaVA's (and FastChat's) training sets pad = unk and saves it here, while tokenizer_config keeps
     # the base's null: the hub files carry both.
@@ -195,6 +195,7 @@ def _write_tokenizer(out_dir: Path, added: Sequence[str] = ()) -> PreTrainedToke
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     assert isinstance(tokenizer, PreTrainedTokenizerFast)
     assert len(tokenizer) == SPM_VOCAB_SIZE + len(added)
+    assert tokenizer.pad_token_id == tokenizer.unk_token_id
     assert tokenizer.convert_tokens_to_ids(list(added)) == [SPM_VOCAB_SIZE + i for i in range(len(added))]
     return tokenizer
 
@@ -559,6 +560,9 @@ def _build_one(builder: Callable[[Path], None], target: Path, stamp: str, force:
     staging.chmod(0o755)
     try:
         builder(staging)
+        # safetensors writes its files owner-only; checkpoints should be readable like any download.
+        for path in staging.iterdir():
+            path.chmod(0o644)
         (staging / MARKER_FILE).write_text(stamp)
         if target.exists() and (force or not _is_complete(target, stamp)):
             shutil.rmtree(target, ignore_errors=True)

@@ -26,6 +26,7 @@ from llava_worker.config import WorkerConfig
 from llava_worker.loader import LoadedModel, load_model
 from llava_worker.server import create_app
 from llava_worker.tiny_checkpoints import build_all, make_test_image
+from llava_worker.tiny_original import build_original_checkpoints
 from llava_worker.worker import ModelWorker
 
 PROMPT_1 = "USER: <image>\nWhat is shown here? ASSISTANT:"
@@ -58,17 +59,25 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, interva
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = os.environ.get("LLAVA_WORKER_TEST_CHECKPOINTS")
-    return build_all(Path(root) if root else tmp_path_factory.mktemp("checkpoints"))
+    target = Path(root) if root else tmp_path_factory.mktemp("checkpoints")
+    return build_all(target) | build_original_checkpoints(target)
 
 
 class ModelCache:
     """Loads each checkpoint once per session, whatever the worker settings around it."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, bool, bool], LoadedModel] = {}
+        self._models: dict[tuple[Any, ...], LoadedModel] = {}
 
     def get(self, config: WorkerConfig) -> LoadedModel:
-        key = (config.model_path, config.load_8bit, config.load_4bit)
+        key = (
+            config.model_path,
+            config.model_base,
+            config.vision_tower,
+            config.pad_images,
+            config.load_8bit,
+            config.load_4bit,
+        )
         if key not in self._models:
             self._models[key] = load_model(config)
         return self._models[key]
