@@ -190,6 +190,9 @@ IMPOSSIBLE = {
     "flash-attn-missing": (["--use-flash-attn"], "--use-flash-attn"),
     "missing-path": (["--model-path", "/nonexistent/dir"], "/nonexistent/dir"),
     "multi-modal-text-only": (["--multi-modal"], "--multi-modal"),
+    # "@name" stands for the path of that tiny checkpoint.
+    "lora-without-model-base": (["--model-path", "@llava-v1.5-lora"], "--model-base"),
+    "vision-tower-on-llava-hf": (["--model-path", "@llava-1.5", "--vision-tower", "@clip-tower"], "--vision-tower"),
 }
 
 
@@ -201,7 +204,8 @@ def refused(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     processes: dict[str, subprocess.Popen[bytes]] = {}
     results: dict[str, tuple[int, str]] = {}
     try:
-        for name, (flags, _) in IMPOSSIBLE.items():
+        for name, (named_flags, _) in IMPOSSIBLE.items():
+            flags = [str(checkpoints[f[1:]]) if f.startswith("@") else f for f in named_flags]
             # The text-only checkpoint unless the case names its own path; it cannot be the problem.
             args = ["--model-path", text_only, *flags] if "--model-path" not in flags else flags
             command = worker_command(*args, "--device", "cpu", "--no-register", "--port", str(free_port()))
@@ -265,6 +269,33 @@ def test_end_to_end_with_fastchat_controller(checkpoints, start_controller, laun
     wait_until(lambda: heartbeats_logged(tmp_path, controller, worker.url) >= 2, 10, "heartbeats every second")
 
     assert_clean_exit(worker, signal.SIGINT)
+
+
+def test_original_lora_checkpoint_with_model_base_and_vision_tower_flags(checkpoints, launch):
+    """The original's command line for a LoRA checkpoint, with the tower given as a local copy."""
+    worker = launch(
+        "--model-path",
+        str(checkpoints["llava-v1.5-lora"]),
+        "--model-base",
+        str(checkpoints["vicuna-base"]),
+        "--vision-tower",
+        str(checkpoints["clip-tower"]),
+        "--device",
+        "cpu",
+        "--no-register",
+    ).wait_serving()
+    body = {"prompt": PROMPT_1, "images": [encode_image(1)], "temperature": 0, "max_new_tokens": 8}
+    chunks = stream_chunks(worker.url, body)
+    assert chunks[-1]["error_code"] == 0 and len(chunks[-1]["text"]) > len(PROMPT_1), chunks[-1]
+    assert "merged 14 LoRA weights" in worker.stderr()
+    assert_clean_exit(worker, signal.SIGTERM)
+
+
+def test_original_flags_reach_the_config():
+    config = config_from_args(
+        ["--model-path", "m", "--model-base", "b", "--vision-tower", "t", "--pad-images", "--device", "cpu"]
+    )
+    assert (config.model_base, config.vision_tower, config.pad_images) == ("b", "t", True)
 
 
 def test_model_name_flag_is_announced(checkpoints, start_controller, launch):

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import torch
 from PIL import Image
 
 from llava_worker.config import WorkerConfig
+from llava_worker.conversation import LLAVA_SYSTEM_MESSAGE
 from llava_worker.errors import StartupError
 from llava_worker.images import ImageLimits
 from llava_worker.inputs import prepare_inputs
@@ -27,6 +29,9 @@ PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\nand <image>\nCompare the two pictures. ASSISTANT:"
 TEXT_ONLY = "USER: Tell me about the red boat. ASSISTANT:"
 WIDE, TALL = (40, 30), (30, 50)
+#: Within the tower's 32 px on both sides: every anyres resolution fits it equally well, and the tie
+#: goes to the first listed, so only the original's (width, height) reading gives the right tiles.
+SMALL = (28, 20)
 
 #: checkpoint -> the settings it is served with; names in the settings are other tiny checkpoints.
 CASES: dict[str, dict[str, str]] = {
@@ -62,7 +67,7 @@ def test_greedy_answers_equal_the_original_architecture(start_worker, checkpoint
     worker = start_worker(name, **_settings(checkpoints, name))
     requests = [
         (PROMPT, [encode_image(1, WIDE)]),
-        (TWO_IMAGES, [encode_image(2, TALL), encode_image(3, WIDE)]),
+        (TWO_IMAGES, [encode_image(2, TALL), encode_image(3, SMALL)]),
         (TEXT_ONLY, []),
     ]
     answers = []
@@ -90,10 +95,10 @@ def test_original_checkpoints_batch_like_any_other(start_worker, checkpoints):
     name = "llava-v1.6-mistral"
     worker = start_worker(name, limit_model_concurrency=4, **_settings(checkpoints, name))
     cases = [
-        (PROMPT, [encode_image(11, WIDE)], 40),
-        (PROMPT, [encode_image(12, TALL)], 30),
-        (TWO_IMAGES, [encode_image(13, (64, 64)), encode_image(14, (20, 60))], 40),
-        (TEXT_ONLY, [], 30),
+        (PROMPT, [encode_image(11, WIDE)], 60),
+        (PROMPT, [encode_image(12, TALL)], 50),
+        (TWO_IMAGES, [encode_image(13, (64, 64)), encode_image(14, (20, 60))], 60),
+        (TEXT_ONLY, [], 50),
     ]
     clients = [StreamingClient(worker.url, greedy(p, i or None, max_new_tokens=n)) for p, i, n in cases]
     for client in clients:
@@ -230,3 +235,24 @@ def test_pad_images_makes_llava_hf_checkpoints_pad_like_the_original(models, che
     assert torch.equal(pixels["padded"], by_hand)
     assert not torch.equal(pixels["cropped"], by_hand)
     assert "--pad-images" in _refusal(checkpoints["llava-next"], pad_images=True)
+
+
+def test_openai_chat_renders_llava_v1_conversations_for_original_checkpoints(start_worker, checkpoints):
+    """Original checkpoints carry no chat template: the worker's OpenAI route uses LLaVA's v1 conversation."""
+    name = "llava-v1.5-llava_llama"
+    worker = start_worker(name)
+    image = encode_image(1, WIDE)
+    parts = [
+        {"type": "text", "text": "What is in the picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}},
+    ]
+    body: dict[str, Any] = {
+        "model": worker.worker.model_name,
+        "messages": [{"role": "user", "content": parts}],
+        "temperature": 0,
+        "max_tokens": 12,
+    }
+    answer = requests.post(worker.url + "/v1/chat/completions", json=body, timeout=60).json()
+    prompt = f"{LLAVA_SYSTEM_MESSAGE} USER: <image>\nWhat is in the picture? ASSISTANT:"
+    expected = _expected(checkpoints, name, prompt, [image], 12)
+    assert answer["choices"][0]["message"]["content"] == expected.removeprefix(prompt)
