@@ -167,12 +167,33 @@ def worker_status_when_idle(client: httpx.Client, worker: str, timeout: float = 
         time.sleep(0.1)
 
 
+#: Tiny checkpoints in the original LLaVA layout, with the flags the original's users give them
+#: ("@name" is the path of another tiny checkpoint).
+ORIGINAL_MODELS: dict[str, tuple[str, list[str]]] = {
+    "original-v1.5": ("llava-v1.5-llava_llama", []),
+    "original-v1.5-lora": ("llava-v1.5-lora", ["--model-base", "@vicuna-base"]),
+    "original-v1.6": ("llava-v1.6-mistral", ["--vision-tower", "@clip-tower"]),
+}
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT))
+
+
 def run_demo(args: argparse.Namespace, stack: ExitStack) -> None:
     from llava_worker.tiny_checkpoints import CHECKPOINT_DIRS, build_all
+    from llava_worker.tiny_original import build_original_checkpoints
 
     print(f"[demo] building the tiny checkpoints in {CHECKPOINT_ROOT} (once; later runs reuse them)")
-    build_all(CHECKPOINT_ROOT)
-    model_dir = CHECKPOINT_ROOT / CHECKPOINT_DIRS[args.model]
+    paths = build_all(CHECKPOINT_ROOT)
+    extra_flags: list[str] = []
+    if args.model in ORIGINAL_MODELS:
+        paths |= build_original_checkpoints(CHECKPOINT_ROOT)
+        checkpoint, flags = ORIGINAL_MODELS[args.model]
+        model_dir = paths[checkpoint]
+        extra_flags = [_relative(paths[f[1:]]) if f.startswith("@") else f for f in flags]
+    else:
+        model_dir = CHECKPOINT_ROOT / CHECKPOINT_DIRS[args.model]
     model_name = model_dir.name
     with_image = args.model != "text-only"
 
@@ -194,11 +215,12 @@ def run_demo(args: argparse.Namespace, stack: ExitStack) -> None:
         ctl_cmd = [sys.executable, "-m", "fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(ctl_port)]
         # It writes controller.log into its working directory, hence the temporary one.
         services.append(Service("controller", ctl_cmd, workdir, workdir / "controller.out", env))
-        print(f"[demo] starting the worker on {worker_address} with --model-path {model_dir.relative_to(REPO_ROOT)}")
+        model_flags = ["--model-path", _relative(model_dir), *extra_flags]
+        print(f"[demo] starting the worker on {worker_address} with {' '.join(model_flags)}")
         worker_cmd = [
             *(sys.executable, "-m", "llava_worker", "--host", "127.0.0.1", "--port", str(worker_port)),
             *("--worker-address", worker_address, "--controller-address", controller),
-            *("--model-path", str(model_dir.relative_to(REPO_ROOT)), "--device", "cpu", "--heartbeat-interval", "2"),
+            *(*model_flags, "--device", "cpu", "--heartbeat-interval", "2"),
         ]
         services.append(Service("worker", worker_cmd, REPO_ROOT, workdir / "worker.out", env))
 
@@ -250,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "--model",
-        choices=["llava-1.5", "llava-next", "text-only"],
+        choices=["llava-1.5", "llava-next", "text-only", *ORIGINAL_MODELS],
         default="llava-1.5",
-        help="tiny checkpoint to serve (default: llava-1.5)",
+        help="tiny checkpoint to serve (default: llava-1.5); original-* are in the original LLaVA layout",
     )
     parser.add_argument(
         "--prompt",
