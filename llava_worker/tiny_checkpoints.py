@@ -51,6 +51,7 @@ __all__ = [
     "MARKER_FILE",
     "PATCH_SIZE",
     "build_all",
+    "build_atomically",
     "build_benchmark_llama",
     "build_internvl",
     "build_llava15",
@@ -59,7 +60,11 @@ __all__ = [
     "build_text_only",
     "build_tokenizer",
     "chat_template",
+    "finish_model",
+    "language_fields",
     "make_test_image",
+    "save_quietly",
+    "training_corpus",
 ]
 
 BOS_TOKEN = "<s>"
@@ -113,7 +118,8 @@ _PATTERNS = (
 _PUNCTUATION = (".", ".", ".", "?", "!", ",")
 
 
-def _corpus(seed: int, sentences: int = 3000) -> list[str]:
+def training_corpus(seed: int, sentences: int = 3000) -> list[str]:
+    """English-shaped sentences (some in the LLaVA chat format) to train the tiny tokenizers on."""
     # Seeded, so the vocabulary (and with it every checkpoint) is identical on every machine.
     rng = random.Random(seed)
     lines = []
@@ -166,7 +172,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_corpus(seed), trainer=trainer)
+    backend.train_from_iterator(training_corpus(seed), trainer=trainer)
     bos_id = backend.token_to_id(BOS_TOKEN)
     # Prepend BOS like Llama so prompts tokenized by the processor match real LLaVA checkpoints.
     backend.post_processor = processors.TemplateProcessing(
@@ -198,7 +204,7 @@ def make_test_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
 
 # The LLaVA configs declare no initializer_range of their own: the projector and lm_head fall back
 # to the text config's, so setting it on the two sub-configs covers every weight.
-def _language_fields(tokenizer: PreTrainedTokenizerFast, **sizes: int) -> dict[str, Any]:
+def language_fields(tokenizer: PreTrainedTokenizerFast, **sizes: int) -> dict[str, Any]:
     """A tiny language model's config fields: `sizes` (default the tiny 64-wide, 2-layer shape), the
     tokenizer's special ids, and the wide initialisation that makes outputs depend on the input."""
     shape = {
@@ -222,11 +228,11 @@ def _language_fields(tokenizer: PreTrainedTokenizerFast, **sizes: int) -> dict[s
 
 
 def _text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    return LlamaConfig(**_language_fields(tokenizer))
+    return LlamaConfig(**language_fields(tokenizer))
 
 
 def _build_language_model(out_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Path:
-    _finish_model(model, tokenizer)
+    finish_model(model, tokenizer)
     return _save(Path(out_dir), model, tokenizer)
 
 
@@ -266,7 +272,8 @@ def _unprintable_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     return sorted(ids)
 
 
-def _finish_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+def finish_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Makes greedy output printable text that never stops by itself, and sets the special ids."""
     head = model.get_output_embeddings()
     assert isinstance(head, torch.nn.Linear)
     with torch.no_grad():
@@ -281,9 +288,9 @@ def _finish_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) ->
     model.eval()
 
 
-def _save(out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin | PreTrainedTokenizerBase) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A "Writing model shards" bar per tiny file is noise in test logs; restore the user's setting.
+def save_quietly(model: PreTrainedModel, out_dir: Path) -> None:
+    """`model.save_pretrained(out_dir)` without a "Writing model shards" bar per tiny file (noise in
+    test logs); the user's progress-bar setting is restored."""
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -291,6 +298,11 @@ def _save(out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin | Pre
     finally:
         if bars_were_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _save(out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin | PreTrainedTokenizerBase) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_quietly(model, out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
 
@@ -324,7 +336,7 @@ def build_llava15(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     config = LlavaConfig(**_llava_config_fields(tokenizer))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    _finish_model(model, tokenizer)
+    finish_model(model, tokenizer)
     processor = LlavaProcessor(image_processor=_clip_image_processor(), **_llava_processor_fields(tokenizer))
     return _save(Path(out_dir), model, processor)
 
@@ -335,7 +347,7 @@ def build_llava_next(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     config = LlavaNextConfig(**_llava_config_fields(tokenizer), image_grid_pinpoints=GRID_PINPOINTS)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
-    _finish_model(model, tokenizer)
+    finish_model(model, tokenizer)
     processor = LlavaNextProcessor(image_processor=_llava_next_image_processor(), **_llava_processor_fields(tokenizer))
     return _save(Path(out_dir), model, processor)
 
@@ -364,7 +376,7 @@ def build_internvl(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
             patch_size=[PATCH_SIZE, PATCH_SIZE],
             initializer_range=INITIALIZER_RANGE,
         ),
-        text_config=Qwen2Config(**_language_fields(tokenizer)),
+        text_config=Qwen2Config(**language_fields(tokenizer)),
         image_token_id=tokenizer.context_image_token_id,
         # 16 patches per image, pixel-shuffled by 0.5 in each direction: 4 image tokens.
         image_seq_length=4,
@@ -372,7 +384,7 @@ def build_internvl(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config)
-    _finish_model(model, tokenizer)
+    finish_model(model, tokenizer)
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=False, max_patches=1),
@@ -395,7 +407,7 @@ def build_sliding_window(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build a tiny Mistral whose sliding-window attention gives a KV cache that cannot be batched."""
     tokenizer = build_tokenizer(seed, with_images=False)
     # Shorter than the prompts the tests send, so the window really slides.
-    config = MistralConfig(**_language_fields(tokenizer), sliding_window=16)
+    config = MistralConfig(**language_fields(tokenizer), sliding_window=16)
     torch.manual_seed(seed)
     return _build_language_model(out_dir, MistralForCausalLM(config), tokenizer)
 
@@ -404,7 +416,7 @@ def build_benchmark_llama(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build the benchmark's random Llama: hidden 512, 8 layers, about 21 M parameters."""
     tokenizer = build_tokenizer(seed, with_images=False)
     config = LlamaConfig(
-        **_language_fields(
+        **language_fields(
             tokenizer,
             hidden_size=512,
             intermediate_size=1024,
@@ -429,13 +441,15 @@ if is_torchvision_available():
     _BUILDERS["internvl"] = build_internvl
 
 
-def _is_complete(path: Path) -> bool:
+def _is_complete(path: Path, stamp: str) -> bool:
     marker = path / MARKER_FILE
-    return marker.is_file() and marker.read_text().strip() == BUILD_VERSION
+    return marker.is_file() and marker.read_text() == stamp
 
 
-def _build_one(builder: Callable[[Path], Path], target: Path, force: bool) -> None:
-    if _is_complete(target) and not force:
+def build_atomically(builder: Callable[[Path], object], target: Path, stamp: str, force: bool) -> None:
+    """Runs `builder` into a fresh directory that becomes `target`, unless `target` is already complete
+    with the same `stamp` (a build version, plus whatever else the files depend on)."""
+    if _is_complete(target, stamp) and not force:
         return
     # Build beside the target and rename into place so parallel test workers never see a
     # half-written directory; the marker, written last, flags builds that died midway.
@@ -444,14 +458,17 @@ def _build_one(builder: Callable[[Path], Path], target: Path, force: bool) -> No
     staging.chmod(0o755)
     try:
         builder(staging)
-        (staging / MARKER_FILE).write_text(BUILD_VERSION + "\n")
-        if target.exists() and (force or not _is_complete(target)):
+        # safetensors writes its files owner-only; checkpoints should be readable like any download.
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        (staging / MARKER_FILE).write_text(stamp)
+        if target.exists() and (force or not _is_complete(target, stamp)):
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(staging, target)
         except OSError:
             # Another process finished the same checkpoint first; keep theirs.
-            if not _is_complete(target):
+            if not _is_complete(target, stamp):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -464,6 +481,6 @@ def build_all(root: Path, force: bool = False) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for name, builder in _BUILDERS.items():
         target = root / CHECKPOINT_DIRS[name]
-        _build_one(builder, target, force)
+        build_atomically(builder, target, BUILD_VERSION + "\n", force)
         paths[name] = target
     return paths

@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,17 +34,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
-from transformers.utils import logging as hf_logging
 
 from llava_worker.tiny_checkpoints import (
     IMAGE_SIZE,
     INITIALIZER_RANGE,
-    MARKER_FILE,
     MAX_POSITIONS,
     PATCH_SIZE,
-    _corpus,
-    _finish_model,
-    _language_fields,
+    build_atomically,
+    finish_model,
+    language_fields,
+    save_quietly,
+    training_corpus,
 )
 
 __all__ = [
@@ -139,7 +137,7 @@ def _sentencepiece_model() -> bytes:
     """A Llama-style SentencePiece BPE model (byte fallback, digits split, no pad piece)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(_TOKENIZER_CORPUS_SEED)),
+        sentence_iterator=iter(training_corpus(_TOKENIZER_CORPUS_SEED)),
         model_writer=model,
         model_type="bpe",
         vocab_size=SPM_VOCAB_SIZE,
@@ -204,17 +202,6 @@ def _base_tokenizer() -> PreTrainedTokenizerFast:
     # LoRA and projector-only releases ship no tokenizer: the base's is what sizes their vocabulary.
     with tempfile.TemporaryDirectory() as scratch:
         return _write_tokenizer(Path(scratch))
-
-
-def _quiet_save(model: PreTrainedModel, out_dir: Path) -> None:
-    # A "Writing model shards" bar per tiny file is noise in test logs; restore the user's setting.
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out_dir)
-    finally:
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
 
 
 @functools.cache
@@ -285,7 +272,7 @@ def _projector(projector_type: str, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _language_model(tokenizer: PreTrainedTokenizerFast, seed: int, *, mistral: bool = False) -> PreTrainedModel:
-    fields = _language_fields(tokenizer)
+    fields = language_fields(tokenizer)
     model: PreTrainedModel
     torch.manual_seed(seed)
     if mistral:
@@ -297,7 +284,7 @@ def _language_model(tokenizer: PreTrainedTokenizerFast, seed: int, *, mistral: b
         )
     else:
         model = LlamaForCausalLM(LlamaConfig(**fields))
-    _finish_model(model, tokenizer)
+    finish_model(model, tokenizer)
     return model
 
 
@@ -388,7 +375,7 @@ def _save_sharded(out_dir: Path, state: dict[str, torch.Tensor], shards: int = 2
 
 def _build_clip_tower(out_dir: Path) -> None:
     model = _clip_model()
-    _quiet_save(model, out_dir)
+    save_quietly(model, out_dir)
     saved = set(_tower_vision_weights())
     # The original and the openai repo name vision weights "vision_model.…"; transformers 5's
     # CLIPVisionModel drops that segment in memory but still saves and loads it for CLIPModel.
@@ -401,7 +388,7 @@ def _build_clip_tower(out_dir: Path) -> None:
 def _build_vicuna_base(out_dir: Path) -> None:
     tokenizer = _write_tokenizer(out_dir)
     model = _language_model(tokenizer, _SEEDS["vicuna-base"])
-    _quiet_save(model, out_dir)
+    save_quietly(model, out_dir)
     # lmsys/vicuna-7b-v1.5 was saved by transformers 4.31: keep its spelling of the config.
     _write_json(
         out_dir / "config.json",
@@ -545,37 +532,6 @@ def _stamp(root: Path) -> str:
     return f"{BUILD_VERSION}\n{root}\n"
 
 
-def _is_complete(path: Path, stamp: str) -> bool:
-    marker = path / MARKER_FILE
-    return marker.is_file() and marker.read_text() == stamp
-
-
-def _build_one(builder: Callable[[Path], None], target: Path, stamp: str, force: bool) -> None:
-    if _is_complete(target, stamp) and not force:
-        return
-    # Build beside the target and rename into place so parallel test workers never see a
-    # half-written directory; the marker, written last, flags builds that died midway.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    # mkdtemp makes the directory owner-only; the renamed checkpoint should read like any other.
-    staging.chmod(0o755)
-    try:
-        builder(staging)
-        # safetensors writes its files owner-only; checkpoints should be readable like any download.
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        (staging / MARKER_FILE).write_text(stamp)
-        if target.exists() and (force or not _is_complete(target, stamp)):
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished the same checkpoint first; keep theirs.
-            if not _is_complete(target, stamp):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def build_original_checkpoints(root: Path, force: bool = False) -> dict[str, Path]:
     """Build every original-layout checkpoint under ``root`` (skipping complete ones unless ``force``).
 
@@ -601,6 +557,6 @@ def build_original_checkpoints(root: Path, force: bool = False) -> dict[str, Pat
     paths: dict[str, Path] = {}
     for name, builder in builders.items():
         target = root / ORIGINAL_CHECKPOINT_DIRS[name]
-        _build_one(builder, target, stamp, force)
+        build_atomically(builder, target, stamp, force)
         paths[name] = target
     return paths
