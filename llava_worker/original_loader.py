@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from llava_worker.checkpoint_files import local_directory, looks_local, one_line, read_weights
 from llava_worker.config import WorkerConfig
-from llava_worker.errors import StartupError
+from llava_worker.errors import StartupError, plural
 from llava_worker.original_checkpoint import (
     Layout,
     OriginalCheckpoint,
@@ -254,7 +254,8 @@ def _tower_weights(
         absent = expected - set(weights)
         if absent:
             raise StartupError(
-                f"the vision tower {checkpoint.vision_tower} lacks {len(absent)} CLIP weights, e.g. {min(absent)}"
+                f"the vision tower {checkpoint.vision_tower} lacks {plural(len(absent), 'CLIP weight')}, "
+                f"e.g. {min(absent)}"
             )
     weights.update(shipped)
     return {f"model.vision_tower.{key}": value for key, value in weights.items() if key in expected}
@@ -277,7 +278,7 @@ def _from_state_dict(
     missing = sorted(info.get("missing_keys", []))
     if missing:
         raise StartupError(
-            f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {', '.join(missing[:3])}"
+            f"the checkpoint lacks {plural(len(missing), 'weight')} the model needs: {', '.join(missing[:3])}"
         )
     result: PreTrainedModel = model
     return result

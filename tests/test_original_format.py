@@ -256,3 +256,16 @@ def test_openai_chat_renders_llava_v1_conversations_for_original_checkpoints(sta
     prompt = f"{LLAVA_SYSTEM_MESSAGE} USER: <image>\nWhat is in the picture? ASSISTANT:"
     expected = _expected(checkpoints, name, prompt, [image], 12)
     assert answer["choices"][0]["message"]["content"] == expected.removeprefix(prompt)
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_rather_than_filled_at_random(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "llava-v1.5-missing-weight"
+    shutil.copytree(checkpoints["llava-v1.5-llava_llama"], target)
+    shard = next(target.glob("model-*.safetensors"))
+    weights = load_file(str(shard))
+    dropped = next(key for key in weights if key.startswith("model.layers."))
+    del weights[dropped]
+    save_file(weights, str(shard), metadata={"format": "pt"})
+    assert f"lacks 1 weight the model needs: model.language_model.{dropped.removeprefix('model.')}" in _refusal(target)
