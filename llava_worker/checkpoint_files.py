@@ -75,9 +75,12 @@ def local_directory(model_path: str, flag: str) -> Path:
         return Path(model_path)
     if looks_local(model_path):
         raise StartupError(f"{flag} {model_path} does not exist")
-    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub import constants, list_repo_files, snapshot_download
 
     try:
+        if constants.HF_HUB_OFFLINE:
+            # Offline (HF_HUB_OFFLINE=1) the cached snapshot is all there is, and listing needs the network.
+            return Path(snapshot_download(model_path, allow_patterns=list(_WANTED_FILES)))
         files = list_repo_files(model_path)
         ignore = ["pytorch_model*.bin"] if any(name.endswith(".safetensors") for name in files) else []
         return Path(snapshot_download(model_path, allow_patterns=list(_WANTED_FILES), ignore_patterns=ignore))

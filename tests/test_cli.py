@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import io
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +19,13 @@ from typing import Any
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from llava_worker.cli import config_from_args
 from llava_worker.config import model_name_from_path
 
 from .conftest import PROMPT_1, TEXT_PROMPT, encode_image, free_port, stream_chunks, wait_until
+from .original_reference import reference_generate, reference_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 #: Importing torch and transformers on a busy two-core machine takes a while; this bounds it.
@@ -58,13 +64,14 @@ def worker_env() -> dict[str, str]:
 class WorkerProcess:
     """One `python -m llava_worker` on 127.0.0.1, its stderr kept in a file."""
 
-    def __init__(self, args: list[str], log_dir: Path) -> None:
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = log_dir / f"worker-{self.port}.err"
         command = worker_command("--host", "127.0.0.1", "--port", str(self.port), "--worker-address", self.url, *args)
         with open(self.stderr_path, "wb") as stderr, open(log_dir / f"worker-{self.port}.out", "wb") as stdout:
-            self.process = subprocess.Popen(command, cwd=REPO, env=worker_env(), stdout=stdout, stderr=stderr)
+            environment = worker_env() | (env or {})
+            self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=stdout, stderr=stderr)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -115,8 +122,8 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Starts worker processes; whatever is still running at the end is killed."""
     started: list[WorkerProcess] = []
 
-    def start(*args: str) -> WorkerProcess:
-        worker = WorkerProcess(list(args), tmp_path)
+    def start(*args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(list(args), tmp_path, env)
         started.append(worker)
         return worker
 
@@ -288,6 +295,40 @@ def test_original_lora_checkpoint_with_model_base_and_vision_tower_flags(checkpo
     chunks = stream_chunks(worker.url, body)
     assert chunks[-1]["error_code"] == 0 and len(chunks[-1]["text"]) > len(PROMPT_1), chunks[-1]
     assert "merged 14 LoRA weights" in worker.stderr()
+    assert_clean_exit(worker, signal.SIGTERM)
+
+
+def _hub_cache_with(cache: Path, repos: dict[str, Path]) -> None:
+    """A Hugging Face cache holding `repos` (hub id -> files) as if downloaded: what an offline
+    machine with pre-fetched models has."""
+    commit = "0" * 40
+    for repo_id, files in repos.items():
+        storage = cache / ("models--" + repo_id.replace("/", "--"))
+        (storage / "refs").mkdir(parents=True)
+        (storage / "refs" / "main").write_text(commit)
+        shutil.copytree(files, storage / "snapshots" / commit)
+
+
+def test_original_checkpoint_and_its_tower_by_hub_id(checkpoints, launch, tmp_path):
+    """Hub ids for the checkpoint and for the mm_vision_tower it names, resolved from the local cache."""
+    cache = tmp_path / "hub-cache"
+    tower_id = json.loads((checkpoints["llava-v1.6-mistral"] / "config.json").read_text())["mm_vision_tower"]
+    _hub_cache_with(
+        cache, {"liuhaotian/llava-v1.6-tiny": checkpoints["llava-v1.6-mistral"], tower_id: checkpoints["clip-tower"]}
+    )
+    worker = launch(
+        *("--model-path", "liuhaotian/llava-v1.6-tiny", "--device", "cpu", "--no-register"),
+        env={"HF_HUB_CACHE": str(cache)},
+    ).wait_serving()
+    image = encode_image(1, (40, 30))
+    chunks = stream_chunks(worker.url, {"prompt": PROMPT_1, "images": [image], "temperature": 0, "max_new_tokens": 8})
+    pil = Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")
+    ids = reference_generate(
+        checkpoints["llava-v1.6-mistral"], PROMPT_1, [pil], 8, vision_tower=checkpoints["clip-tower"]
+    )
+    tokenizer = reference_tokenizer(checkpoints["llava-v1.6-mistral"])
+    answer = str(tokenizer.decode(ids, skip_special_tokens=True))
+    assert chunks[-1] == {"text": PROMPT_1 + answer, "error_code": 0}
     assert_clean_exit(worker, signal.SIGTERM)
 
 
