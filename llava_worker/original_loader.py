@@ -179,6 +179,16 @@ def plan_original_load(config: WorkerConfig, directory: Path, raw: dict[str, Any
     # The original splices image features in at id -200, never embedded; an id just past the
     # vocabulary plays that part without changing any logit.
     model_config = llava_config(checkpoint, text_config, vision_config, image_token_id=vocab_size)
+    logger.info(
+        "%s is an original LLaVA checkpoint (%s, %s, %s projector, images: %s); vision tower %s%s",
+        name,
+        checkpoint.layout.value,
+        checkpoint.language,
+        checkpoint.projector_type,
+        "anyres" if checkpoint.anyres else "pad" if checkpoint.pads_to_square else "resize and crop",
+        checkpoint.vision_tower,
+        " with the checkpoint's own tower weights" if checkpoint.ships_vision_tower else "",
+    )
     return OriginalPlan(
         model_config=model_config,
         tokenizer=tokenizer,
