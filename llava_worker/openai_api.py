@@ -21,6 +21,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llava_worker.config import MAX_NEW_TOKENS_CAP
+from llava_worker.disconnects import ClientDisconnected, while_connected
 from llava_worker.errors import ImageError, InvalidRequestError, WorkerError, plural
 from llava_worker.inputs import IMAGE_PLACEHOLDER
 from llava_worker.loader import LoadedModel
@@ -460,7 +461,7 @@ def openai_router(worker: ModelWorker) -> APIRouter:
         #    before the first token, so they still get an HTTP error status instead of a stream.
         chunks = _counted(worker, params, request_id)
         try:
-            first = await anext(chunks)
+            first = await while_connected(request, anext(chunks))
             if first.finish_reason == "exceeds_context":
                 raise RequestError(
                     f"the prompt is {first.prompt_tokens} tokens long (image tokens included), which leaves "
@@ -473,7 +474,10 @@ def openai_router(worker: ModelWorker) -> APIRouter:
                 events = _events(first, chunks, reply, request_id)
                 return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
             async with contextlib.aclosing(chunks):
-                return JSONResponse(await _complete(first, chunks, reply))
+                return JSONResponse(await while_connected(request, _complete(first, chunks, reply)))
+        except ClientDisconnected:
+            await chunks.aclose()
+            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
         except Exception as exc:
             await chunks.aclose()
             return _error_response(exc, request_id)

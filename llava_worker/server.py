@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llava_worker.conversation import conversation_template
+from llava_worker.disconnects import ClientDisconnected, while_connected
 from llava_worker.errors import InvalidRequestError
 from llava_worker.metrics import METRICS_CONTENT_TYPE
 from llava_worker.openai_api import openai_router
@@ -58,7 +59,7 @@ def create_app(worker: ModelWorker) -> FastAPI:
         return StreamingResponse(worker.generate_stream_gate(params, request_id))
 
     @app.post("/worker_generate")
-    async def worker_generate(request: Request) -> JSONResponse:
+    async def worker_generate(request: Request) -> Response:
         """FastChat's non-streaming call: the last chunk, with `usage` and `finish_reason`."""
         request_id = new_request_id()
         params = await parse(request, request_id)
@@ -67,7 +68,10 @@ def create_app(worker: ModelWorker) -> FastAPI:
             # (chat clients then see a bare "Bad Request", /v1/completions fails with a 500).
             message, _ = params
             return JSONResponse({"text": message, "error_code": 1})
-        return JSONResponse(await worker.generate(params, request_id))
+        try:
+            return JSONResponse(await while_connected(request, worker.generate(params, request_id)))
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
 
     @app.post("/count_token")
     async def count_token(request: Request) -> JSONResponse:

@@ -302,3 +302,36 @@ def test_disconnect_mid_stream_frees_the_slot_and_stops_generating(start_worker,
     assert len(cancelled) == 1
     new_tokens = int(cancelled[0].split(" new tokens")[0].rsplit(", ", 1)[1])
     assert new_tokens < 100, cancelled[0]
+
+
+@pytest.mark.parametrize("route", ["/worker_generate", "/v1/chat/completions"])
+def test_a_client_leaving_a_non_streamed_request_stops_its_generation(start_worker, caplog, route):
+    worker = start_worker("text-only", limit_model_concurrency=1)
+    if route == "/worker_generate":
+        body = _long_request()
+    else:
+        messages = [{"role": "user", "content": "Tell me a story about the sea."}]
+        body = {"model": worker.worker.model_name, "messages": messages, "max_tokens": 450, "temperature": 0}
+    with caplog.at_level(logging.INFO, logger="llava_worker.worker"):
+        # The client gives up after a fraction of a second and closes its connection.
+        with pytest.raises(requests.ReadTimeout):
+            requests.post(worker.url + route, json=body, timeout=(5, 0.3))
+        wait_until(lambda: worker.status()["queue_length"] == 0, 10, "the slot to come back")
+        assert worker.generate(greedy(TEXT_PROMPT, max_new_tokens=4))[-1]["error_code"] == 0
+    cancelled = [r.message for r in caplog.records if ": cancelled," in r.message]
+    assert len(cancelled) == 1, [r.message for r in caplog.records]
+    new_tokens = int(cancelled[0].split(" new tokens")[0].rsplit(", ", 1)[1])
+    assert new_tokens < 400, cancelled[0]
+
+
+def test_a_non_streamed_request_given_up_while_waiting_leaves_the_queue(start_worker):
+    worker = start_worker("text-only", limit_model_concurrency=1)
+    running = StreamingClient(worker.url, _long_request())
+    running.start()
+    wait_until(lambda: len(running.chunks) >= 2, 20, "the first request to run")
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(worker.url + "/worker_generate", json=_long_request(), timeout=(5, 0.3))
+    wait_until(lambda: worker.status()["queue_length"] == 1, 10, "the waiter to leave the queue")
+    assert running.is_alive(), "the first request should still be running"
+    running.hang_up.set()
+    running.join(timeout=30)
