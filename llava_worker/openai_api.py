@@ -1,275 +1,33 @@
 """OpenAI-compatible routes (`/v1/models`, `/v1/chat/completions`) over the worker's own queue and engine.
 
-A chat request is validated at the edge (pydantic), rendered with the model's own chat template into
-plain GenerateParams, and then runs through `ModelWorker.generate_stream` like any other request:
+A chat request is validated at the edge and rendered with the model's own chat template into plain
+GenerateParams (`openai_requests.py`), and then runs through `ModelWorker.generate_stream` like any other request:
 same admission queue, same limits, same metrics. Every failure leaves through `_error_response`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llava_worker.config import MAX_NEW_TOKENS_CAP
 from llava_worker.disconnects import ClientDisconnected, while_connected
-from llava_worker.errors import ImageError, InvalidRequestError, WorkerError, plural
-from llava_worker.inputs import IMAGE_PLACEHOLDER
-from llava_worker.loader import LoadedModel
-from llava_worker.protocol import GenerateParams, describe_validation_error, usage
-from llava_worker.remote_images import fetch_remote_images, url_scheme
+from llava_worker.errors import ImageError, InvalidRequestError, WorkerError
+from llava_worker.openai_requests import RequestError, generate_params, parse_chat_request
+from llava_worker.protocol import GenerateParams, usage
 from llava_worker.request_body import read_body
 from llava_worker.worker import KEEPALIVE, ModelWorker, ShuttingDownError, StreamChunk, describe_failure, new_request_id
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class RequestError(InvalidRequestError):
-    """A request the OpenAI API refuses, with the `param` and `code` of OpenAI's error object."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
-        self.status = status
-
-
-# 1. The request as it arrives. Strict, so wrong JSON types are refused; unknown fields are ignored,
-#    since OpenAI clients send many that do not change what this worker generates.
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class ImageURL(_Strict):
-    url: str
-    detail: str | None = None
-
-
-class ContentPart(_Strict):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-    @model_validator(mode="after")
-    def _has_its_field(self) -> ContentPart:
-        if getattr(self, self.type) is None:
-            raise ValueError(f"a part of type {self.type!r} needs the field {self.type!r}")
-        return self
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: list[ContentPart]
-    """A string arrives as one text part."""
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _string_as_text_part(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [{"type": "text", "text": value}]
-        if not isinstance(value, list):
-            raise ValueError("must be a string or a list of content parts")
-        return value
-
-
-class StreamOptions(_Strict):
-    include_usage: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    type: str
-
-
-class ChatCompletionRequest(_Strict):
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    stop: list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch's generators take
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # Accepted only with the values that ask for nothing beyond plain text (checked in _refuse_unsupported).
-    n: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    logit_bias: dict[str, float] | None = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _string_as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    """Decodes and validates a body; raises RequestError naming the offending parameter."""
-    try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(raw, dict):
-        raise RequestError(f"request body must be a JSON object, not {type(raw).__name__}")
-    try:
-        request = ChatCompletionRequest.model_validate(raw)
-    except ValidationError as exc:
-        param = ".".join(str(part) for part in exc.errors()[0]["loc"])
-        raise RequestError(describe_validation_error(exc), param=param) from None
-    _refuse_unsupported(request)
-    return request
-
-
-def _refuse_unsupported(request: ChatCompletionRequest) -> None:
-    def refuse(param: str, what: str) -> RequestError:
-        return RequestError(f"{what} is not supported by this worker", param=param, code="unsupported_parameter")
-
-    if request.n is not None and request.n > 1:
-        raise refuse("n", "n > 1 (several choices per request)")
-    for name in ("tools", "tool_choice", "functions", "function_call"):
-        if getattr(request, name) is not None:
-            raise refuse(name, f"'{name}' (tool and function calling)")
-    if request.logprobs or request.top_logprobs is not None:
-        raise refuse("logprobs", "'logprobs'")
-    if request.response_format is not None and request.response_format.type != "text":
-        raise refuse("response_format", f"response_format of type {request.response_format.type!r}")
-    if request.logit_bias:
-        raise refuse("logit_bias", "'logit_bias'")
-    if request.stream_options is not None and not request.stream:
-        raise RequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-
-
-# 2. Request → GenerateParams: the prompt from the model's chat template, images in order.
-
-
-def chat_messages(request: ChatCompletionRequest, takes_images: bool) -> tuple[list[dict[str, Any]], list[str]]:
-    """The conversation in transformers' chat format, and the image URLs in the order they appear.
-
-    Vision-language templates take content as a list of parts, an image as `{"type": "image"}`;
-    text-only templates generally expect a string, so the text parts are joined.
-    """
-    messages: list[dict[str, Any]] = []
-    urls: list[str] = []
-    for message in request.messages:
-        parts: list[dict[str, Any]] = []
-        for part in message.content:
-            if part.type == "image_url" and part.image_url is not None:
-                parts.append({"type": "image"})
-                urls.append(part.image_url.url)
-            else:
-                parts.append({"type": "text", "text": part.text})
-        content: Any = parts if takes_images else "\n".join(part["text"] for part in parts if part["type"] == "text")
-        # OpenAI's newer name for the system role; templates know only "system".
-        role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content})
-    if urls and not takes_images:
-        raise RequestError(
-            f"this model does not accept images, but the request has {plural(len(urls), 'image')}", param="messages"
-        )
-    return messages, urls
-
-
-def render_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], images: int) -> str:
-    """The prompt the model's own chat template makes of `messages`, with one `<image>` per image."""
-    try:
-        if loaded.processor is not None:
-            prompt = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            prompt = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except (TemplateError, ValueError) as exc:
-        raise RequestError(f"the model's chat template cannot render these messages: {exc}", param="messages") from None
-    prompt = _without_duplicate_bos(loaded, str(prompt))
-    # The worker's inputs take `<image>` and map it to the model's own image token.
-    image_token = loaded.image_token
-    if image_token and image_token != IMAGE_PLACEHOLDER:
-        prompt = prompt.replace(image_token, IMAGE_PLACEHOLDER)
-    if images and prompt.count(IMAGE_PLACEHOLDER) != images:
-        raise RequestError(
-            f"the chat template made {plural(prompt.count(IMAGE_PLACEHOLDER), IMAGE_PLACEHOLDER + ' placeholder')} "
-            f"for {plural(images, 'image')}; message text must not contain {IMAGE_PLACEHOLDER!r}",
-            param="messages",
-        )
-    return prompt
-
-
-def _without_duplicate_bos(loaded: LoadedModel, prompt: str) -> str:
-    """Drops a BOS the template wrote when tokenizing adds one anyway (Llama-style templates do both)."""
-    tokenizer = loaded.tokenizer
-    bos = tokenizer.bos_token
-    if bos and prompt.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        return prompt[len(bos) :]
-    return prompt
-
-
-async def generate_params(request: ChatCompletionRequest, worker: ModelWorker) -> GenerateParams:
-    """Everything `generate_stream` needs; fetches remote images when the worker allows them."""
-    config = worker.config
-    messages, urls = chat_messages(request, worker.loaded.takes_images)
-    if len(urls) > config.max_images:
-        raise RequestError(
-            f"too many images: {len(urls)} given, at most {config.max_images} accepted", param="messages"
-        )
-    _check_image_urls(urls, config.allow_remote_images)
-    prompt = await asyncio.to_thread(render_prompt, worker.loaded, messages, len(urls))
-    max_new_tokens = request.max_completion_tokens or request.max_tokens or MAX_NEW_TOKENS_CAP
-    return GenerateParams(
-        prompt=prompt,
-        images=await fetch_remote_images(urls, config),
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        max_new_tokens=max_new_tokens,
-        stop=tuple(stop for stop in request.stop or () if stop),
-        echo=False,
-        top_k=0,  # OpenAI samples from the whole distribution (after top_p)
-        presence_penalty=request.presence_penalty or 0.0,
-        frequency_penalty=request.frequency_penalty or 0.0,
-        seed=request.seed,
-    )
-
-
-# 3. Images: data URLs pass through as they are (the worker decodes them); http(s) URLs are fetched
-#    only with --allow-remote-images (remote_images.py).
-
-
-def _check_image_urls(urls: list[str], allow_remote: bool) -> None:
-    for index, url in enumerate(urls):
-        scheme = url_scheme(url)
-        if scheme == "data" or (scheme in ("http", "https") and allow_remote):
-            continue
-        if scheme in ("http", "https"):
-            raise RequestError(
-                f"image {index + 1} is a remote URL, and this worker does not fetch images "
-                "(send it as a data: URL, or start the worker with --allow-remote-images)",
-                param="messages",
-                code="remote_images_disabled",
-            )
-        accepted = "data: and http(s) URLs" if allow_remote else "data: URLs"
-        raise RequestError(
-            f"image {index + 1} has a URL of scheme {scheme or 'none'!r}; only {accepted} are accepted",
-            param="messages",
-        )
-
-
-# 4. Generation and the answer: one chat.completion, or server-sent chat.completion.chunk events.
+# Generation and the answer: one chat.completion, or server-sent chat.completion.chunk events.
 
 
 @dataclass(frozen=True)
@@ -386,7 +144,7 @@ async def _events(
         yield _event("[DONE]")
 
 
-# 5. Errors: every failure of this API is mapped to OpenAI's error object here, and only here.
+# Errors: every failure of this API is mapped to OpenAI's error object here, and only here.
 
 
 def _error_body(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any]]:
