@@ -57,9 +57,7 @@ def read_raw_config(model_path: str, flag: str = "--model-path") -> dict[str, An
         except EntryNotFoundError:
             return None
         except Exception as exc:  # the hub client raises many types; all mean "cannot use this id"
-            raise StartupError(
-                f"{flag} {model_path} is not usable as a model on the Hugging Face hub: {one_line(exc)}"
-            ) from exc
+            raise _unusable_hub_id(flag, model_path, exc) from exc
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -67,6 +65,10 @@ def read_raw_config(model_path: str, flag: str = "--model-path") -> dict[str, An
     if not isinstance(raw, dict):
         raise StartupError(f"{flag} {model_path}: config.json does not hold a JSON object")
     return raw
+
+
+def _unusable_hub_id(flag: str, model_path: str, exc: BaseException) -> StartupError:
+    return StartupError(f"{flag} {model_path} is not usable as a model on the Hugging Face hub: {one_line(exc)}")
 
 
 def local_directory(model_path: str, flag: str) -> Path:
@@ -85,9 +87,7 @@ def local_directory(model_path: str, flag: str) -> Path:
         ignore = ["pytorch_model*.bin"] if any(name.endswith(".safetensors") for name in files) else []
         return Path(snapshot_download(model_path, allow_patterns=list(_WANTED_FILES), ignore_patterns=ignore))
     except Exception as exc:  # the hub client raises many types; all mean "cannot use this id"
-        raise StartupError(
-            f"{flag} {model_path} is not usable as a model on the Hugging Face hub: {one_line(exc)}"
-        ) from exc
+        raise _unusable_hub_id(flag, model_path, exc) from exc
 
 
 def has_weights(directory: Path) -> bool:

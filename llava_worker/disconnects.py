@@ -7,12 +7,18 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response
 
 T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
     """The client closed its connection before its answer was ready; the work was cancelled."""
+
+
+def gone_response() -> Response:
+    """What a route returns once its client has gone: nobody reads it (nginx's "client closed request")."""
+    return Response(status_code=499)
 
 
 async def while_connected(request: Request, work: Awaitable[T]) -> T:

@@ -60,3 +60,14 @@ def decode_image(encoded: str, index: int, limits: ImageLimits) -> Image.Image:
         raise ImageError(f"{label} is not in an image format the worker can read (JPEG, PNG, ...)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{label} could not be decoded: {exc}") from None
+
+
+def pad_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
+    """The original's expand2square: the image centred on a square of `colour`."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), colour)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square

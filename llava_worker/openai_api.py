@@ -17,7 +17,7 @@ from typing import Any, cast
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from llava_worker.disconnects import ClientDisconnected, while_connected
+from llava_worker.disconnects import ClientDisconnected, gone_response, while_connected
 from llava_worker.errors import ImageError, InvalidRequestError, WorkerError
 from llava_worker.openai_requests import RequestError, generate_params, parse_chat_request
 from llava_worker.protocol import GenerateParams, usage
@@ -235,7 +235,7 @@ def openai_router(worker: ModelWorker) -> APIRouter:
                 return JSONResponse(await while_connected(request, _complete(first, chunks, reply)))
         except ClientDisconnected:
             await chunks.aclose()
-            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+            return gone_response()
         except Exception as exc:
             await chunks.aclose()
             return _error_response(exc, request_id)

@@ -13,6 +13,7 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from llava_worker.conversation import LLAVA_V1_CHAT_TEMPLATE
+from llava_worker.images import pad_to_square
 from llava_worker.original_checkpoint import IMAGE_END_TOKEN, IMAGE_START_TOKEN, OriginalCheckpoint, tower_geometry
 
 IMAGE_TOKEN = "<image>"
@@ -48,9 +49,9 @@ class OriginalProcessor:
         images = images or []
         if self.checkpoint.use_im_start_end:
             prompt = prompt.replace(IMAGE_TOKEN, IMAGE_START_TOKEN + IMAGE_TOKEN + IMAGE_END_TOKEN)
-        views = [self._preprocess(image) for image in images]
-        counts = [self._feature_count(image) for image in images]
-        input_ids = self._tokenize(prompt, counts)
+        prepared = [self._prepare(image) for image in images]
+        views = [image_views for image_views, _ in prepared]
+        input_ids = self._tokenize(prompt, [count for _, count in prepared])
         tensors: dict[str, torch.Tensor] = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long),
@@ -87,13 +88,16 @@ class OriginalProcessor:
             ids += chunk[offset:]
         return ids
 
-    def _preprocess(self, image: Image.Image) -> torch.Tensor:
-        """The views of one image, (views, C, H, W), as the original's process_images makes them."""
+    def _prepare(self, image: Image.Image) -> tuple[torch.Tensor, int]:
+        """The views of one image, (views, C, H, W), as the original's process_images makes them,
+        and how many image tokens the model's features for them fill."""
+        square_tokens = self.patches_per_side**2
         if self.checkpoint.anyres:
-            return self._anyres_views(image)
+            height, width = self._best_resolution(image)
+            return self._anyres_views(image, height, width), square_tokens + self._unpadded_tokens(image, height, width)
         if self.checkpoint.pads_to_square:
             image = pad_to_square(image, tuple(int(x * 255) for x in self.image_processor.image_mean))
-        return self._pixels(image)
+        return self._pixels(image), square_tokens + (1 if self.checkpoint.keeps_cls else 0)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         pixels: torch.Tensor = self.image_processor(image, return_tensors="pt")["pixel_values"]
@@ -104,10 +108,9 @@ class OriginalProcessor:
         height, width = select_best_resolution((image.height, image.width), self.checkpoint.grid_pinpoints_hw)
         return int(height), int(width)
 
-    def _anyres_views(self, image: Image.Image) -> torch.Tensor:
+    def _anyres_views(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
         """The original's process_anyres_image: a squashed whole-image view, then the tiles of the
-        image resized into the best resolution (aspect kept, black borders), row by row."""
-        height, width = self._best_resolution(image)
+        image resized into the best resolution (height, width), aspect kept, black borders, row by row."""
         canvas = _resize_and_pad(image, width, height)
         tile = int(self.image_processor.crop_size["height"])
         tiles = [
@@ -119,32 +122,17 @@ class OriginalProcessor:
         views = [image.resize((side, side)), *tiles]
         return torch.cat([self._pixels(view) for view in views])
 
-    def _feature_count(self, image: Image.Image) -> int:
-        """How many image tokens the model's features for `image` fill."""
-        base = self.patches_per_side**2
-        if not self.checkpoint.anyres:
-            return base + (1 if self.checkpoint.keeps_cls else 0)
-        height, width = self._best_resolution(image)
+    def _unpadded_tokens(self, image: Image.Image, height: int, width: int) -> int:
+        """Image tokens of the tiles once their padding is cut off, a newline ending each row."""
         grid = torch.empty(
             1,
             height // self.tower_size * self.patches_per_side,
             width // self.tower_size * self.patches_per_side,
             device="meta",
         )
-        # The model's own unpadding decides how many rows and columns remain; a newline ends each row.
+        # The model's own unpadding decides how many rows and columns remain.
         rows, columns = unpad_image(grid, [image.height, image.width]).shape[1:]
-        return base + int(rows) * (int(columns) + 1)
-
-
-def pad_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
-    """The original's expand2square: the image centred on a square of `colour`."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), colour)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
+        return int(rows) * (int(columns) + 1)
 
 
 def _resize_and_pad(image: Image.Image, width: int, height: int) -> Image.Image:

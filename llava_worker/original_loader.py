@@ -137,8 +137,7 @@ def plan_original_load(config: WorkerConfig, directory: Path, raw: dict[str, Any
                 f"--model-base is only for LoRA adapters and projector-only LLaVA checkpoints; "
                 f"{name} is neither (it has no adapter_config.json or mm_projector.bin)"
             )
-        if base is None:
-            raise StartupError(f"{name} is a LoRA adapter: give the model it adapts with --model-base")
+        assert base is not None, "only --model-base brings a checkpoint that is not LLaVA's here"
         return OriginalPlan(
             model_config=_auto_config(base, "--model-base"),
             tokenizer=_tokenizer(base),
@@ -228,16 +227,19 @@ def _check_tower_path(tower: str) -> None:
 def _vision_config(tower: str) -> CLIPVisionConfig:
     _check_tower_path(tower)
     try:
-        model_type = AutoConfig.from_pretrained(tower).model_type
-        config = CLIPVisionConfig.from_pretrained(tower)
+        config = AutoConfig.from_pretrained(tower)
     except Exception as exc:  # hub and parsing errors come in many types; all mean "unusable tower"
         raise StartupError(
             f"the vision tower {tower} cannot be loaded (mm_vision_tower in config.json; without network, "
             f"point --vision-tower at a local copy): {one_line(exc)}"
         ) from exc
-    if model_type not in ("clip", "clip_vision_model"):
-        raise StartupError(f"the vision tower {tower} is a {model_type!r} model; original LLaVA checkpoints use CLIP")
-    return config
+    # openai's towers are whole CLIP models; only their vision half is used.
+    vision = config.vision_config if config.model_type == "clip" else config
+    if not isinstance(vision, CLIPVisionConfig):
+        raise StartupError(
+            f"the vision tower {tower} is a {config.model_type!r} model; original LLaVA checkpoints use CLIP"
+        )
+    return vision
 
 
 def _image_processor(tower: str) -> CLIPImageProcessorPil:

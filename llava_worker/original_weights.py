@@ -39,9 +39,9 @@ def read_projector_only(directory: Path) -> dict[str, torch.Tensor]:
     return {key: value.to(torch.float16) for key, value in weights.items()}
 
 
-def merge_lora(weights: dict[str, torch.Tensor], adapter_dir: Path) -> int:
+def merge_lora(weights: dict[str, torch.Tensor], adapter_dir: Path) -> None:
     """Adds each LoRA pair to the weight it adapts, `W += B @ A * alpha / r`, as PEFT's
-    merge_and_unload does; returns how many weights changed. `weights` uses the base's key names."""
+    merge_and_unload does. `weights` uses the base's key names."""
     config_path = adapter_dir / "adapter_config.json"
     try:
         adapter = json.loads(config_path.read_text())
@@ -72,7 +72,6 @@ def merge_lora(weights: dict[str, torch.Tensor], adapter_dir: Path) -> int:
     if not pairs:
         raise StartupError(f"{adapter_dir.name}: the adapter holds no LoRA weights")
     logger.info("merged %d LoRA weights from %s (r=%d, alpha/r=%g)", len(pairs), adapter_dir, rank, scale)
-    return len(pairs)
 
 
 def _read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llava_worker.conversation import conversation_template
-from llava_worker.disconnects import ClientDisconnected, while_connected
+from llava_worker.disconnects import ClientDisconnected, gone_response, while_connected
 from llava_worker.errors import InvalidRequestError
 from llava_worker.metrics import METRICS_CONTENT_TYPE
 from llava_worker.openai_api import openai_router
@@ -71,7 +71,7 @@ def create_app(worker: ModelWorker) -> FastAPI:
         try:
             return JSONResponse(await while_connected(request, worker.generate(params, request_id)))
         except ClientDisconnected:
-            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+            return gone_response()
 
     @app.post("/count_token")
     async def count_token(request: Request) -> JSONResponse:
