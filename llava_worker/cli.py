@@ -176,14 +176,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Checked before torch is imported, so impossible flags are refused at once.
         validate_config(config)
         # Imported here so that `--help` and flag errors answer without loading torch.
-        from llava_worker.loader import load_model
+        from llava_worker.models.loader import load_model
 
         loaded = load_model(config)
     except StartupError as exc:
         print(f"llava-worker: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    from llava_worker.serving import serve
+    from llava_worker.http.launcher import serve
     from llava_worker.worker import ModelWorker
 
     worker = ModelWorker(config, loaded)

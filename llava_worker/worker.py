@@ -14,13 +14,14 @@ from typing import Any
 from llava_worker.admission import AdmissionGate, Slot
 from llava_worker.config import MAX_NEW_TOKENS_CAP, WorkerConfig
 from llava_worker.controller import ControllerLink
-from llava_worker.engine import Engine, RequestHandle
+from llava_worker.engine.core import Engine, RequestHandle
+from llava_worker.engine.sampling import SamplingParams
+from llava_worker.engine.streams import GenerationOutput
 from llava_worker.errors import GenerationError, WorkerError
-from llava_worker.generation import GenerationOutput
-from llava_worker.images import ImageLimits
-from llava_worker.inputs import prepare_inputs
-from llava_worker.loader import LoadedModel
 from llava_worker.metrics import WorkerMetrics
+from llava_worker.models.images import ImageLimits
+from llava_worker.models.inputs import prepare_inputs
+from llava_worker.models.loader import LoadedModel
 from llava_worker.protocol import (
     EXCEEDS_CONTEXT_TEXT,
     GenerateParams,
@@ -29,7 +30,6 @@ from llava_worker.protocol import (
     usage,
     worker_status,
 )
-from llava_worker.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llava_worker.tiny_checkpoints import build_all, build_benchmark_llama, make_test_image  # noqa: E402
+from llava_worker.testing.tiny import build_all, build_benchmark_llama, make_test_image  # noqa: E402
 
 TEXT_PROMPTS = [
     "USER: Tell me a story about the sea. ASSISTANT:",

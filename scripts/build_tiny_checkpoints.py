@@ -12,8 +12,8 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-from llava_worker.tiny_checkpoints import build_all  # noqa: E402
-from llava_worker.tiny_original import build_original_checkpoints  # noqa: E402
+from llava_worker.testing.tiny import build_all  # noqa: E402
+from llava_worker.testing.tiny_original import build_original_checkpoints  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,7 +95,7 @@ def build_prompt(question: str, with_image: bool) -> str:
 
 
 def encode_test_image() -> str:
-    from llava_worker.tiny_checkpoints import make_test_image
+    from llava_worker.testing.tiny import make_test_image
 
     buffer = io.BytesIO()
     make_test_image(seed=0, size=(64, 48)).save(buffer, format="PNG")
@@ -181,8 +181,8 @@ def _relative(path: Path) -> str:
 
 
 def run_demo(args: argparse.Namespace, stack: ExitStack) -> None:
-    from llava_worker.tiny_checkpoints import CHECKPOINT_DIRS, build_all
-    from llava_worker.tiny_original import build_original_checkpoints
+    from llava_worker.testing.tiny import CHECKPOINT_DIRS, build_all
+    from llava_worker.testing.tiny_original import build_original_checkpoints
 
     print(f"[demo] building the tiny checkpoints in {CHECKPOINT_ROOT} (once; later runs reuse them)")
     paths = build_all(CHECKPOINT_ROOT)

@@ -23,10 +23,10 @@ import uvicorn
 from PIL import Image
 
 from llava_worker.config import WorkerConfig
-from llava_worker.loader import LoadedModel, load_model
-from llava_worker.server import create_app
-from llava_worker.tiny_checkpoints import build_all, make_test_image
-from llava_worker.tiny_original import build_original_checkpoints
+from llava_worker.http.app import create_app
+from llava_worker.models.loader import LoadedModel, load_model
+from llava_worker.testing.tiny import build_all, make_test_image
+from llava_worker.testing.tiny_original import build_original_checkpoints
 from llava_worker.worker import ModelWorker
 
 PROMPT_1 = "USER: <image>\nWhat is shown here? ASSISTANT:"

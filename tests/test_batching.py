@@ -108,7 +108,7 @@ def test_sampled_and_greedy_requests_share_a_batch(start_worker):
 
 
 def test_a_cache_that_cannot_be_batched_falls_back_to_one_at_a_time(start_worker, caplog):
-    with caplog.at_level(logging.WARNING, logger="llava_worker.engine"):
+    with caplog.at_level(logging.WARNING, logger="llava_worker.engine.core"):
         worker = start_worker("sliding-window", limit_model_concurrency=3)
         loaded = worker.worker.loaded
         cases = _cases("sliding-window")

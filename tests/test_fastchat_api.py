@@ -37,7 +37,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from llava_worker.config import WorkerConfig
-from llava_worker.loader import LoadedModel
+from llava_worker.models.loader import LoadedModel
 from llava_worker.worker import ModelWorker
 
 from .conftest import (

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from llava_worker.loader import LoadedModel
+from llava_worker.models.loader import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT
 
 from .conftest import (

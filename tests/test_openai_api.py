@@ -19,7 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
-from llava_worker.openai_requests import render_prompt
+from llava_worker.http.openai_requests import render_prompt
 
 from .conftest import TEXT_PROMPT, RunningWorker, StreamingClient, encode_image, greedy, reference_tokens, wait_until
 

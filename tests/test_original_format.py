@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from llava_worker.config import WorkerConfig
-from llava_worker.conversation import LLAVA_SYSTEM_MESSAGE
 from llava_worker.errors import StartupError
-from llava_worker.images import ImageLimits
-from llava_worker.inputs import prepare_inputs
-from llava_worker.loader import load_model
+from llava_worker.http.conversations import LLAVA_SYSTEM_MESSAGE
+from llava_worker.models.images import ImageLimits
+from llava_worker.models.inputs import prepare_inputs
+from llava_worker.models.loader import load_model
 
 from .conftest import StreamingClient, encode_image, greedy, wait_until
 from .original_reference import reference_generate, reference_tokenizer

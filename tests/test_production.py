@@ -25,9 +25,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from llava_worker.config import WorkerConfig
-from llava_worker.engine import _Request
-from llava_worker.generation import RequestStream
-from llava_worker.loader import LoadedModel
+from llava_worker.engine.core import _Request
+from llava_worker.engine.streams import RequestStream
+from llava_worker.models.loader import LoadedModel
 
 from .conftest import (
     TEXT_PROMPT,

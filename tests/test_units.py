@@ -9,10 +9,10 @@ import json
 import pytest
 
 from llava_worker.admission import AdmissionGate
+from llava_worker.engine.detokenizer import TextAccumulator
 from llava_worker.errors import InvalidRequestError
 from llava_worker.protocol import encode_chunk, parse_generate_params, worker_status
-from llava_worker.text import TextAccumulator
-from llava_worker.tiny_checkpoints import build_tokenizer
+from llava_worker.testing.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="module")

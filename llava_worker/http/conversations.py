@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     # Only a type here: the original-format input path imports this module while the loader loads.
-    from llava_worker.loader import LoadedModel
+    from llava_worker.models.loader import LoadedModel
 
 #: LLaVA-1.5's system message (its `conv_llava_v1`; FastChat's `vicuna_v1.1` has the same format, "user" for "human").
 LLAVA_SYSTEM_MESSAGE = (

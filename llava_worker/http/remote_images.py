@@ -9,7 +9,7 @@ import httpx
 
 from llava_worker.config import WorkerConfig
 from llava_worker.errors import ImageError
-from llava_worker.request_body import read_limited
+from llava_worker.http.body import read_limited
 
 #: Redirects followed when fetching a remote image.
 MAX_IMAGE_REDIRECTS = 3

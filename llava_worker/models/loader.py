@@ -21,11 +21,11 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from llava_worker.checkpoint_files import local_directory, one_line, read_raw_config
 from llava_worker.config import DEFAULT_CONTEXT_LENGTH, WorkerConfig, validate_config
 from llava_worker.errors import StartupError
-from llava_worker.original_checkpoint import is_original_config
-from llava_worker.original_loader import plan_original_load
+from llava_worker.models.files import local_directory, one_line, read_raw_config
+from llava_worker.models.original.checkpoint import is_original_config
+from llava_worker.models.original.loader import plan_original_load
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from transformers import (
     PretrainedConfig,
 )
 
-from llava_worker.checkpoint_files import has_weights
 from llava_worker.errors import StartupError
+from llava_worker.models.files import has_weights
 
 #: The original's language-model families by `model_type`; plain "llava" is what some liuhaotian
 #: repos wrote for their Llama models.

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llava_worker.checkpoint_files import read_tensor_file
 from llava_worker.errors import StartupError
+from llava_worker.models.files import read_tensor_file
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from llava_worker.conversation import conversation_template
-from llava_worker.disconnects import ClientDisconnected, gone_response, while_connected
 from llava_worker.errors import InvalidRequestError
+from llava_worker.http.body import read_body
+from llava_worker.http.conversations import conversation_template
+from llava_worker.http.disconnects import ClientDisconnected, gone_response, while_connected
+from llava_worker.http.openai import openai_router
 from llava_worker.metrics import METRICS_CONTENT_TYPE
-from llava_worker.openai_api import openai_router
 from llava_worker.protocol import GenerateParams, encode_chunk, parse_generate_params
-from llava_worker.request_body import read_body
 from llava_worker.worker import ModelWorker, ShuttingDownError, describe_failure, new_request_id
 
 

@@ -4,7 +4,7 @@ The liuhaotian/* repositories on the hub are not transformers checkpoints: their
 Llama/Mistral config with ``mm_*`` fields, the vision tower comes from a separate CLIP repository,
 the tokenizer ships as a SentencePiece ``tokenizer.model`` only, and LoRA or projector-only releases
 need a base model. These builders reproduce each of those layouts at toy size (the same shapes as
-:mod:`llava_worker.tiny_checkpoints`), so tests can load them through the same code path a real
+:mod:`llava_worker.testing.tiny`), so tests can load them through the same code path a real
 checkpoint takes without network access.
 """
 
@@ -35,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from llava_worker.tiny_checkpoints import (
+from llava_worker.testing.tiny import (
     IMAGE_SIZE,
     INITIALIZER_RANGE,
     MAX_POSITIONS,

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from llava_worker.errors import ImageError, InvalidRequestError, plural
-from llava_worker.images import ImageLimits, decode_image, pad_to_square
-from llava_worker.loader import LoadedModel
+from llava_worker.models.images import ImageLimits, decode_image, pad_to_square
+from llava_worker.models.loader import LoadedModel
 
 #: The placeholder clients put in the prompt, one per image (LLaVA's convention).
 IMAGE_PLACEHOLDER = "<image>"

@@ -10,7 +10,7 @@ from types import FrameType
 
 import uvicorn
 
-from llava_worker.server import create_app
+from llava_worker.http.app import create_app
 from llava_worker.worker import ModelWorker
 
 logger = logging.getLogger(__name__)

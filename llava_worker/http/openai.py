@@ -17,11 +17,11 @@ from typing import Any, cast
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from llava_worker.disconnects import ClientDisconnected, gone_response, while_connected
 from llava_worker.errors import ImageError, InvalidRequestError, WorkerError
-from llava_worker.openai_requests import RequestError, generate_params, parse_chat_request
+from llava_worker.http.body import read_body
+from llava_worker.http.disconnects import ClientDisconnected, gone_response, while_connected
+from llava_worker.http.openai_requests import RequestError, generate_params, parse_chat_request
 from llava_worker.protocol import GenerateParams, usage
-from llava_worker.request_body import read_body
 from llava_worker.worker import KEEPALIVE, ModelWorker, ShuttingDownError, StreamChunk, describe_failure, new_request_id
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

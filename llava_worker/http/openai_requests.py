@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llava_worker.config import MAX_NEW_TOKENS_CAP
 from llava_worker.errors import InvalidRequestError, plural
-from llava_worker.inputs import IMAGE_PLACEHOLDER
-from llava_worker.loader import LoadedModel
+from llava_worker.http.remote_images import fetch_remote_images, url_scheme
+from llava_worker.models.inputs import IMAGE_PLACEHOLDER
+from llava_worker.models.loader import LoadedModel
 from llava_worker.protocol import GenerateParams, describe_validation_error
-from llava_worker.remote_images import fetch_remote_images, url_scheme
 from llava_worker.worker import ModelWorker
 
 

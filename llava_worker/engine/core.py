@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from llava_worker.batch import DecodeBatch, is_mergeable, left_padded
+from llava_worker.engine.batch import DecodeBatch, is_mergeable, left_padded
+from llava_worker.engine.detokenizer import TextAccumulator
+from llava_worker.engine.sampling import SamplingParams, next_tokens
+from llava_worker.engine.streams import GenerationOutput, RequestStream
 from llava_worker.errors import GenerationError, OutOfMemoryError, WorkerError
-from llava_worker.generation import GenerationOutput, RequestStream
-from llava_worker.inputs import PreparedInputs
-from llava_worker.loader import LoadedModel
-from llava_worker.sampling import SamplingParams, next_tokens
-from llava_worker.text import TextAccumulator
+from llava_worker.models.inputs import PreparedInputs
+from llava_worker.models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
 

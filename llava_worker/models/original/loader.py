@@ -29,10 +29,10 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from llava_worker.checkpoint_files import local_directory, looks_local, one_line, read_weights
 from llava_worker.config import WorkerConfig
 from llava_worker.errors import StartupError, plural
-from llava_worker.original_checkpoint import (
+from llava_worker.models.files import local_directory, looks_local, one_line, read_weights
+from llava_worker.models.original.checkpoint import (
     Layout,
     OriginalCheckpoint,
     describe_checkpoint,
@@ -40,8 +40,8 @@ from llava_worker.original_checkpoint import (
     language_config,
     llava_config,
 )
-from llava_worker.original_inputs import OriginalProcessor
-from llava_worker.original_weights import (
+from llava_worker.models.original.inputs import OriginalProcessor
+from llava_worker.models.original.weights import (
     as_transformers_projector,
     merge_lora,
     projector_module,

@@ -1,0 +1,1 @@
+"""The model layer: checkpoint → LoadedModel, and prompt + images → model inputs."""

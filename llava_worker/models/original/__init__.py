@@ -1,0 +1,1 @@
+"""Checkpoints in the original haotian-liu/LLaVA layout, made into their transformers equivalents."""
