@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from llava_worker.errors import StartupError
 
@@ -15,67 +16,84 @@ DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_CONTEXT_LENGTH = 2048
 
 
+#: The devices `--device` accepts.
+Device = Literal["cuda", "cpu", "mps"]
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Settings of one worker process; built by the CLI, read everywhere else."""
+    """Settings of one worker process; built by the CLI, read everywhere else.
 
-    model_path: str
-    """Local checkpoint directory or Hugging Face hub id."""
+    Each field is a flag of `python -m llava_worker` and its docstring is that flag's help, in `--help`
+    and in the README's table (`scripts/flags_table.py`), so write it for the user.
+    """
+
+    model_path: str = "facebook/opt-350m"
+    """Checkpoint directory or Hugging Face hub id (e.g. `llava-hf/llava-1.5-7b-hf`)."""
     host: str = "localhost"
-    """Address the HTTP server binds to (the original's default keeps it private)."""
+    """Address to listen on; the default keeps the worker private, `0.0.0.0` exposes it on every interface."""
     port: int = 21002
-    """Port the HTTP server binds to."""
+    """Port to listen on."""
     worker_address: str = "http://localhost:21002"
-    """URL other hosts (the controller, clients) use to reach this worker."""
+    """URL at which the controller and clients reach this worker (sent to the controller as the worker's name)."""
     controller_address: str = "http://localhost:21001"
     """URL of the LLaVA/FastChat controller."""
     model_base: str | None = None
-    """Base model for LoRA / projector-only checkpoints."""
+    """Base language model of a LoRA or projector-only checkpoint in the original LLaVA layout (e.g.
+    `lmsys/vicuna-7b-v1.5`), or of a plain LoRA adapter; refused for full checkpoints."""
     vision_tower: str | None = None
-    """CLIP tower (hub id or directory) for original-format checkpoints, instead of their `mm_vision_tower`."""
+    """CLIP tower (hub id or local directory) of an original-format checkpoint, instead of the
+    `mm_vision_tower` its config names: a local copy for machines without network. Refused for other
+    checkpoints."""
     pad_images: bool = False
-    """llava-hf LLaVA-1.5 checkpoints: pad images to a square (the original's way) instead of centre-cropping."""
+    """llava-hf LLaVA-1.5 checkpoints: pad each image to a square of the mean colour before resizing, as the
+    original LLaVA does, instead of centre-cropping it. Refused for other llava-hf models; original-format
+    checkpoints already do what their config says."""
     model_name: str | None = None
-    """Name announced to the controller; derived from `model_path` when absent."""
-    device: str = "cuda"
-    """`cuda`, `cpu` or `mps`."""
+    """Name announced to the controller; by default the last component of `--model-path`, or
+    `<parent>_checkpoint-N` for a `checkpoint-N` directory."""
+    device: Device = "cuda"
+    """Where to run the model; if the requested accelerator is absent, the worker logs a line and runs on
+    the CPU."""
     multi_modal: bool = False
-    """Force image support on even when the loaded model does not look multimodal."""
+    """Require image support: refuse to start unless the loaded model takes images (normally image support
+    is detected from the model)."""
     limit_model_concurrency: int = 5
-    """Generations that may run at once; the rest wait in arrival order."""
+    """Requests that decode together in one batch; further requests wait in arrival order."""
     stream_interval: int = 1
-    """Send a chunk every this many generated tokens."""
+    """Send a chunk every N generated tokens."""
     no_register: bool = False
-    """Never talk to the controller."""
+    """Never talk to the controller (serve clients directly)."""
     load_8bit: bool = False
-    """Quantize the language model to 8 bits with bitsandbytes."""
+    """Quantize the language model to 8 bits (needs bitsandbytes)."""
     load_4bit: bool = False
-    """Quantize the language model to 4 bits (NF4) with bitsandbytes."""
+    """Quantize the language model to 4 bits, NF4 (needs bitsandbytes)."""
     use_flash_attn: bool = False
-    """Use FlashAttention-2 kernels (needs the `flash-attn` package)."""
+    """Use FlashAttention-2 (needs the `flash-attn` package; refused at start-up without it)."""
     heartbeat_interval: float = 15.0
-    """Seconds between heartbeats; also the retry period while the controller is unreachable."""
+    """Seconds between heartbeats to the controller; also the retry period while it is unreachable."""
     controller_timeout: float = 5.0
-    """Seconds before a controller call counts as failed."""
+    """Seconds before a call to the controller counts as failed."""
     keepalive_interval: float = 2.0
-    """Seconds between the lone `\\0` bytes sent to a request waiting for a slot (under the 5 s read
-    timeout of LLaVA's controller proxy)."""
+    """Seconds between the lone `\\0` bytes sent to a request that waits for a slot; keep it under the 5 s
+    read timeout of LLaVA's controller proxy."""
     shutdown_grace: float = 30.0
-    """Seconds running requests may finish after SIGTERM/SIGINT before they are cancelled."""
+    """On SIGTERM/SIGINT, seconds running requests may finish before they are cancelled."""
     log_file: str | None = None
     """Also write the log to this file."""
     max_request_bytes: int = 64 * 1024 * 1024
-    """Largest request body accepted."""
+    """Largest request body, in bytes."""
     max_images: int = 16
     """Most images in one request."""
     max_image_bytes: int = 20 * 1024 * 1024
-    """Largest image file (after base64 decoding)."""
+    """Largest image file in bytes, after base64 decoding."""
     max_image_pixels: int = 40_000_000
-    """Most pixels (width x height) in one image; checked before the image is decoded."""
+    """Most pixels (width × height) in one image, checked from its header before it is decoded."""
     max_prompt_tokens: int | None = None
-    """Longest prompt in tokens, image tokens included; None: only the model's context length bounds it."""
+    """Longest prompt in tokens, image tokens included; by default only the model's context length bounds
+    it."""
     allow_remote_images: bool = False
-    """Let `/v1/chat/completions` fetch http(s) image URLs; without it only `data:` URLs are accepted."""
+    """Let `/v1/chat/completions` fetch `http(s)` image URLs; without it only `data:` URLs are accepted."""
     remote_image_timeout: float = 10.0
     """Seconds one remote image may take to arrive in full."""
 
@@ -108,14 +126,15 @@ def validate_config(config: WorkerConfig) -> None:
         raise StartupError(f"{flag} needs bitsandbytes: pip install 'llava-worker[quant]'")
     if config.use_flash_attn and importlib.util.find_spec("flash_attn") is None:
         raise StartupError("--use-flash-attn needs the flash-attn package: pip install flash-attn")
-    if config.device not in ("cuda", "cpu", "mps"):
-        raise StartupError(f"--device must be cuda, cpu or mps, not {config.device!r}")
+    if config.device not in get_args(Device):
+        raise StartupError(f"--device must be one of {', '.join(get_args(Device))}, not {config.device!r}")
     if config.limit_model_concurrency < 1:
         raise StartupError("--limit-model-concurrency must be at least 1")
     if config.stream_interval < 1:
         raise StartupError("--stream-interval must be at least 1")
     positive = {
         "--heartbeat-interval": config.heartbeat_interval,
+        "--controller-timeout": config.controller_timeout,
         "--keepalive-interval": config.keepalive_interval,
         "--max-request-bytes": config.max_request_bytes,
         "--max-images": config.max_images,

@@ -1,4 +1,4 @@
-"""Typed errors of the worker; `server.py` maps every one of them to the wire in one place."""
+"""Typed errors of the worker, and the metrics outcome of each; `http/failures.py` puts them on the wire."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ class WorkerError(Exception):
 
 class InvalidRequestError(WorkerError):
     """The request body is malformed or a parameter is out of range."""
+
+
+class InvalidJSONError(InvalidRequestError):
+    """The request body is not JSON at all."""
 
 
 class ImageError(WorkerError):
@@ -23,8 +27,28 @@ class OutOfMemoryError(GenerationError):
     """The accelerator ran out of memory; its cache has been freed."""
 
 
+class ShuttingDownError(GenerationError):
+    """The worker is draining for shutdown and admits no new work."""
+
+    def __init__(self) -> None:
+        super().__init__("the worker is shutting down; send the request again (to another worker)")
+
+
 class StartupError(Exception):
     """The worker cannot start with the given settings; the message is one line for the user."""
+
+
+def outcome_of(error: BaseException) -> str:
+    """The `outcome` label a request that failed with `error` is counted under in the metrics.
+
+    `rejected`: refused because the worker is draining; `invalid`: the request itself is wrong
+    (its body, parameters or images), found before or after it took a slot; `error`: anything else.
+    """
+    if isinstance(error, ShuttingDownError):
+        return "rejected"
+    if isinstance(error, (InvalidRequestError, ImageError)):
+        return "invalid"
+    return "error"
 
 
 def plural(count: int, noun: str) -> str:

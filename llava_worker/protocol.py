@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llava_worker.config import DEFAULT_MAX_NEW_TOKENS
-from llava_worker.errors import InvalidRequestError
+from llava_worker.errors import InvalidJSONError, InvalidRequestError
 
 #: What the original sends when the prompt leaves no room for new tokens (with error_code 0).
 EXCEEDS_CONTEXT_TEXT = "Exceeds max token length. Please start a new conversation, thanks."
@@ -76,13 +76,7 @@ class GenerateParams:
 def parse_generate_params(body: bytes, max_images: int | None = None) -> GenerateParams:
     """Decode and validate a request body; raises InvalidRequestError naming what is wrong."""
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise InvalidRequestError(f"request body must be a JSON object, not {type(raw).__name__}")
-    try:
-        request = _GenerateRequestBody.model_validate(raw)
+        request = _GenerateRequestBody.model_validate(json_object(body))
     except ValidationError as exc:
         raise InvalidRequestError(describe_validation_error(exc)) from None
     if max_images is not None and request.images and len(request.images) > max_images:
@@ -104,6 +98,17 @@ def parse_generate_params(body: bytes, max_images: int | None = None) -> Generat
         stop_token_ids=tuple(request.stop_token_ids or ()),
         seed=request.seed,
     )
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body decoded as a JSON object; raises InvalidJSONError or InvalidRequestError."""
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"request body must be a JSON object, not {type(raw).__name__}")
+    return raw
 
 
 def describe_validation_error(exc: ValidationError) -> str:

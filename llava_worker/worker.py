@@ -6,30 +6,25 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Any
 
 from llava_worker.admission import AdmissionGate, Slot
+from llava_worker.chunks import KEEPALIVE, StreamChunk
 from llava_worker.config import MAX_NEW_TOKENS_CAP, WorkerConfig
 from llava_worker.controller import ControllerLink
-from llava_worker.engine.core import Engine, RequestHandle
+from llava_worker.engine.core import Engine
+from llava_worker.engine.requests import GenerationRequest
 from llava_worker.engine.sampling import SamplingParams
 from llava_worker.engine.streams import GenerationOutput
-from llava_worker.errors import GenerationError, WorkerError
+from llava_worker.errors import ShuttingDownError, outcome_of
 from llava_worker.metrics import WorkerMetrics
+from llava_worker.models.chat_prompt import render_prompt
 from llava_worker.models.images import ImageLimits
-from llava_worker.models.inputs import prepare_inputs
-from llava_worker.models.loader import LoadedModel
-from llava_worker.protocol import (
-    EXCEEDS_CONTEXT_TEXT,
-    GenerateParams,
-    chunk_body,
-    encode_chunk,
-    usage,
-    worker_status,
-)
+from llava_worker.models.inputs import PreparedInputs, prepare_inputs
+from llava_worker.models.loaded import LoadedModel
+from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, worker_status
 
 logger = logging.getLogger(__name__)
 
@@ -37,39 +32,28 @@ logger = logging.getLogger(__name__)
 READY_PROBE_TIMEOUT = 5.0
 
 
-@dataclass(frozen=True)
-class StreamChunk:
-    """One step of a request's answer: the text so far (prompt included), cumulative."""
-
-    text: str
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-
-
-#: Yielded by `generate_stream` while the request waits for a slot; sent as a lone `\0`.
-KEEPALIVE = StreamChunk("")
-
-
 @dataclass
 class _RequestRecord:
-    """What the request's log line and metrics need, gathered along the way."""
+    """What the request's log line and latency metrics need, gathered along the way."""
 
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     prompt_tokens: int = 0
     first_text_at: float | None = None
+    last_text_at: float = 0.0
+    last_tokens: int = 0
 
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-class ShuttingDownError(GenerationError):
-    """The worker is draining for shutdown and admits no new work."""
-
-    def __init__(self) -> None:
-        super().__init__("the worker is shutting down; send the request again (to another worker)")
+    def observe(self, completion_tokens: int, metrics: WorkerMetrics) -> None:
+        """Time to first token once, then the time per token between chunks."""
+        if completion_tokens <= self.last_tokens:
+            return
+        now = time.perf_counter()
+        if self.first_text_at is None:
+            self.first_text_at = now
+            metrics.time_to_first_token.observe(now - self.started)
+        else:
+            metrics.time_between_tokens.observe((now - self.last_text_at) / (completion_tokens - self.last_tokens))
+        self.last_text_at, self.last_tokens = now, completion_tokens
 
 
 class ModelWorker:
@@ -96,6 +80,23 @@ class ModelWorker:
                 heartbeat_interval=config.heartbeat_interval,
                 timeout=config.controller_timeout,
             )
+
+    # What the HTTP edge may know of the model, without touching it.
+
+    @property
+    def takes_images(self) -> bool:
+        return self.loaded.takes_images
+
+    @property
+    def context_length(self) -> int:
+        return self.loaded.context_length
+
+    @property
+    def text_model_type(self) -> str:
+        """The language model's `model_type` (`llama`, `mistral`, `qwen2`, ...)."""
+        return str(self.loaded.model.config.get_text_config().model_type)
+
+    # Lifecycle.
 
     async def start(self) -> None:
         """Starts the engine, and registration and heartbeats in the background (unless `--no-register`)."""
@@ -129,6 +130,8 @@ class ModelWorker:
                 async with asyncio.timeout(10.0):
                     await self.gate.wait_idle()
 
+    # The controller's view.
+
     async def register_to_controller(self) -> bool:
         """Registers once now; the background task keeps it registered afterwards."""
         return self.controller is not None and await self.controller.register()
@@ -155,43 +158,50 @@ class ModelWorker:
             return f"the generation engine did not answer within {READY_PROBE_TIMEOUT:.0f} s"
         return None
 
-    async def generate_stream(self, params: GenerateParams, request_id: str) -> AsyncIterator[StreamChunk]:
-        """Streams one request's answer; raises WorkerError (or anything else) on failure.
+    # Requests.
 
-        The request takes a slot only once its inputs are ready, so a bad image is refused without
-        waiting in line; while it waits it yields KEEPALIVE every `keepalive_interval` seconds; its
-        slot goes back when it has really left the engine, on every path.
-        """
+    async def count_tokens(self, prompt: str) -> int:
+        """FastChat's `/count_token`: tokens of the prompt text (image tokens not expanded)."""
+        return await asyncio.to_thread(lambda: len(self.loaded.tokenizer(prompt)["input_ids"]))
+
+    async def render_chat_prompt(self, messages: list[dict[str, Any]], images: int) -> str:
+        """The prompt the model's own chat template makes of `messages` (raises InvalidRequestError)."""
+        return await asyncio.to_thread(render_prompt, self.loaded, messages, images)
+
+    async def generate_stream(self, params: GenerateParams, request_id: str) -> AsyncGenerator[StreamChunk, None]:
+        """Streams one request's answer and counts its outcome; raises WorkerError (or anything else)
+        on failure. Yields KEEPALIVE while the request waits for a slot."""
+        outcome = "cancelled"
+        try:
+            async with contextlib.aclosing(self._answer(params, request_id)) as chunks:
+                async for chunk in chunks:
+                    outcome = chunk.finish_reason or outcome
+                    yield chunk
+        except Exception as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            self.metrics.count(outcome)
+
+    async def _answer(self, params: GenerateParams, request_id: str) -> AsyncGenerator[StreamChunk, None]:
+        # 1. Refuse new work while draining.
         if self.draining:
             raise ShuttingDownError()
+        # 2. Decode images and tokenize before taking a slot, so a bad image is refused without
+        #    waiting in line.
         record = _RequestRecord(request_id)
-        inputs = await asyncio.to_thread(
-            prepare_inputs,
-            self.loaded,
-            params.prompt,
-            params.images,
-            self.image_limits,
-            self.config.max_prompt_tokens,
-        )
+        inputs = await self._prepare(params)
         record.prompt_tokens = inputs.prompt_tokens
-        room = self.loaded.context_length - inputs.prompt_tokens
-        max_new_tokens = min(params.max_new_tokens, MAX_NEW_TOKENS_CAP, room)
+        # 3. The token budget: what the request asked for, within the cap and the context left.
+        max_new_tokens = min(params.max_new_tokens, MAX_NEW_TOKENS_CAP, self.context_length - inputs.prompt_tokens)
         if max_new_tokens < 1:
-            logger.info("request %s: prompt of %d tokens leaves no room", request_id, inputs.prompt_tokens)
-            yield StreamChunk(
-                (params.prompt if params.echo else "") + EXCEEDS_CONTEXT_TEXT,
-                finish_reason="exceeds_context",
-                prompt_tokens=inputs.prompt_tokens,
-            )
+            yield self._exceeds_context(params, inputs, request_id)
             return
-
-        # The queue grows now; tell the controller soon (the heartbeat runs on its own task).
-        self._notify_controller()
+        # 4. Wait for a slot, with a keepalive at once and then every `keepalive_interval` seconds, so
+        #    the client gets a byte (and, with servers that hold headers back, its headers) meanwhile.
+        self._notify_controller()  # the queue grows now; the heartbeat runs on its own task
         acquiring = asyncio.ensure_future(self.gate.acquire())
         try:
-            # The first keepalive goes out at once when the request has to wait, so the client gets
-            # a byte (and, with servers that hold headers back until the first body chunk, its
-            # headers) without waiting for a slot.
             timeout = 0.0
             while not (await asyncio.wait({acquiring}, timeout=timeout))[0]:
                 yield KEEPALIVE
@@ -200,43 +210,29 @@ class ModelWorker:
         except BaseException:
             self._abandon(acquiring)
             raise
-        handle: RequestHandle | None = None
-        try:
-            handle = self.engine.submit(
-                inputs,
-                self._sampling(params),
-                params.stop,
-                max_new_tokens,
-                self.config.stream_interval,
-                on_done=lambda final: self._finish(slot, record, final),
-                stop_token_ids=params.stop_token_ids,
-            )
-            sent = None
-            last_at, last_tokens = record.started, 0
-            async for output in handle.outputs():
-                if output.error is not None:
-                    raise output.error
-                now = time.perf_counter()
-                if output.completion_tokens > last_tokens:
-                    if record.first_text_at is None:
-                        record.first_text_at = now
-                        self.metrics.time_to_first_token.observe(now - record.started)
-                    else:
-                        gap = (now - last_at) / (output.completion_tokens - last_tokens)
-                        self.metrics.time_between_tokens.observe(gap)
-                    last_at, last_tokens = now, output.completion_tokens
-                text = (params.prompt if params.echo else "") + output.text
-                # The final output always goes out, even with no new text, for its finish reason.
-                if text != sent or output.finished:
-                    sent = text
-                    yield StreamChunk(text, output.completion_tokens, output.finish_reason, inputs.prompt_tokens)
-        finally:
-            if handle is None:
-                slot.release()
-            else:
-                # On disconnect this takes the request out of the batch at the next token boundary;
-                # the engine then frees the slot.
-                handle.cancel()
+        # 5. Generate; the slot goes back when the request has really left the engine.
+        async with contextlib.aclosing(self._generate(slot, params, inputs, max_new_tokens, record)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _prepare(self, params: GenerateParams) -> PreparedInputs:
+        return await asyncio.to_thread(
+            prepare_inputs,
+            self.loaded,
+            params.prompt,
+            params.images,
+            self.image_limits,
+            self.config.max_prompt_tokens,
+        )
+
+    def _exceeds_context(self, params: GenerateParams, inputs: PreparedInputs, request_id: str) -> StreamChunk:
+        """The original's answer to a prompt that leaves no room for new tokens (not an error)."""
+        logger.info("request %s: prompt of %d tokens leaves no room", request_id, inputs.prompt_tokens)
+        return StreamChunk(
+            (params.prompt if params.echo else "") + EXCEEDS_CONTEXT_TEXT,
+            finish_reason="exceeds_context",
+            prompt_tokens=inputs.prompt_tokens,
+        )
 
     def _abandon(self, acquiring: asyncio.Future[Slot]) -> None:
         """The request left (or was refused) while waiting for a slot."""
@@ -245,55 +241,40 @@ class ModelWorker:
             acquiring.result().release()  # granted just as the client left: pass it on
         self._notify_controller()  # the queue shrank again
 
-    async def generate_stream_gate(self, params: GenerateParams, request_id: str) -> AsyncIterator[bytes]:
-        """The wire bytes of `generate_stream`; any failure becomes one final error chunk."""
-        previous = None
-        async for chunk in self._chunks_or_error(params, request_id):
-            if chunk is KEEPALIVE:
-                yield b"\0"  # clients skip empty chunks; it keeps their read timeouts at bay
-                continue
-            # The last chunk is sent even without new text when it carries FastChat's finish reason;
-            # otherwise a chunk that adds no text would be a repeat.
-            if chunk.text != previous or (params.extended and chunk.finish_reason):
-                previous = chunk.text
-                yield encode_chunk(*self._wire(chunk, params))
-
-    async def generate(self, params: GenerateParams, request_id: str) -> dict[str, Any]:
-        """FastChat's `/worker_generate`: the final chunk of the stream, as one JSON object."""
-        last = StreamChunk("")
-        async for chunk in self._chunks_or_error(params, request_id):
-            if chunk is not KEEPALIVE:
-                last = chunk
-        text, error_code, extra = self._wire(last, replace(params, extended=True))
-        return chunk_body(text, error_code, extra)
-
-    async def _chunks_or_error(self, params: GenerateParams, request_id: str) -> AsyncIterator[StreamChunk]:
-        """`generate_stream`, with any failure turned into a final chunk whose error code is 1."""
-        outcome = "cancelled"
+    async def _generate(
+        self, slot: Slot, params: GenerateParams, inputs: PreparedInputs, max_new_tokens: int, record: _RequestRecord
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """Runs the request in the engine, yielding a chunk whenever its visible text grows."""
+        handle = None
         try:
-            async for chunk in self.generate_stream(params, request_id):
-                outcome = chunk.finish_reason or outcome
-                yield chunk
-        except Exception as exc:
-            outcome = "rejected" if isinstance(exc, ShuttingDownError) else "error"
-            yield StreamChunk(describe_failure(exc, request_id), finish_reason="error")
+            handle = self.engine.submit(
+                GenerationRequest(
+                    inputs=inputs,
+                    sampling=self._sampling(params),
+                    max_new_tokens=max_new_tokens,
+                    stop=params.stop,
+                    stop_token_ids=params.stop_token_ids,
+                    stream_interval=self.config.stream_interval,
+                    on_done=lambda final: self._finish(slot, record, final),
+                )
+            )
+            echo = params.prompt if params.echo else ""
+            sent = None
+            async for output in handle.outputs():
+                if output.error is not None:
+                    raise output.error
+                record.observe(output.completion_tokens, self.metrics)
+                # The final output always goes out, even with no new text, for its finish reason.
+                if echo + output.text != sent or output.finished:
+                    sent = echo + output.text
+                    yield StreamChunk(sent, output.completion_tokens, output.finish_reason, inputs.prompt_tokens)
         finally:
-            self.metrics.count(outcome)
-
-    @staticmethod
-    def _wire(chunk: StreamChunk, params: GenerateParams) -> tuple[str, int, dict[str, Any] | None]:
-        """Text, error code and (for FastChat) the extra fields of one chunk."""
-        error_code = 1 if chunk.finish_reason == "error" else 0
-        if not params.extended:
-            return chunk.text, error_code, None
-        # FastChat knows "stop" and "length"; running out of context is a length limit too.
-        reason = {"exceeds_context": "length", "cancelled": "stop"}.get(chunk.finish_reason or "", chunk.finish_reason)
-        extra = {"usage": usage(chunk.prompt_tokens, chunk.completion_tokens), "finish_reason": reason}
-        return chunk.text, error_code, extra
-
-    def count_tokens(self, prompt: str) -> int:
-        """FastChat's `/count_token`: tokens of the prompt text (image tokens not expanded)."""
-        return len(self.loaded.tokenizer(prompt)["input_ids"])
+            if handle is None:
+                slot.release()
+            else:
+                # On disconnect this takes the request out of the batch at the next token boundary;
+                # the engine then frees the slot.
+                handle.cancel()
 
     def _sampling(self, params: GenerateParams) -> SamplingParams:
         if params.greedy:
@@ -327,12 +308,3 @@ class ModelWorker:
     def _notify_controller(self) -> None:
         if self.controller is not None:
             self.controller.notify()
-
-
-def describe_failure(exc: BaseException, request_id: str) -> str:
-    """The user-facing text of a failure, logged with the request id; the one place errors meet the wire."""
-    if isinstance(exc, WorkerError):
-        logger.warning("request %s failed: %s", request_id, exc)
-        return str(exc)
-    logger.error("request %s failed unexpectedly", request_id, exc_info=exc)
-    return f"internal error ({type(exc).__name__}: {exc}); request id {request_id}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Formatting, lint and type checks (ruff format, ruff check, mypy), with the tools in .venv.
+# Formatting, lint (with the complexity check) and strict type checks: ruff format, ruff check, mypy.
 # Runs all three and fails if any of them fails. Settings live in pyproject.toml.
 set -euo pipefail
 

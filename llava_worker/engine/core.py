@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +18,12 @@ from transformers import DynamicCache
 
 from llava_worker.engine.batch import DecodeBatch, is_mergeable, left_padded
 from llava_worker.engine.detokenizer import TextAccumulator
+from llava_worker.engine.requests import GenerationRequest
 from llava_worker.engine.sampling import SamplingParams, next_tokens
 from llava_worker.engine.streams import GenerationOutput, RequestStream
 from llava_worker.errors import GenerationError, OutOfMemoryError, WorkerError
 from llava_worker.models.inputs import PreparedInputs
-from llava_worker.models.loader import LoadedModel
+from llava_worker.models.loaded import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class _Request:
     stream_interval: int
     accumulator: TextAccumulator
     stream: RequestStream
-    on_done: Callable[[GenerationOutput], None]
+    on_done: Callable[[GenerationOutput], None] | None
     loop: asyncio.AbstractEventLoop
     stop_token_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
@@ -60,8 +62,8 @@ class RequestHandle:
         self._request.cancelled.set()
         self._engine.wake()
 
-    def outputs(self) -> Any:
-        """Async iterator of snapshots, ending with the one that has a finish reason or an error."""
+    def outputs(self) -> AsyncIterator[GenerationOutput]:
+        """Snapshots of the request's progress, ending with the one that has a finish reason or an error."""
         return self._request.stream.outputs()
 
 
@@ -78,7 +80,7 @@ class Engine:
         self._loaded = loaded
         self._model: Any = loaded.model
         self._max_batch = max_batch
-        self._submitted: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._submitted: queue.SimpleQueue[_Submission] = queue.SimpleQueue()
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
         self._eos = _eos_token_ids(loaded)
@@ -103,7 +105,7 @@ class Engine:
     def stop(self, timeout: float = 30) -> None:
         """Ends the loop after the current step; requests still running get an error."""
         if self._thread is not None:
-            self._submitted.put(None)
+            self._submitted.put(_Signal.STOP)
             self._thread.join(timeout)
             self._thread = None
 
@@ -121,36 +123,27 @@ class Engine:
 
     def wake(self) -> None:
         """Nudges an idle loop (e.g. to notice a cancellation); harmless when busy."""
-        self._submitted.put(_WAKE)
+        self._submitted.put(_Signal.WAKE)
 
-    def submit(
-        self,
-        inputs: PreparedInputs,
-        sampling: SamplingParams,
-        stop: tuple[str, ...],
-        max_new_tokens: int,
-        stream_interval: int,
-        on_done: Callable[[GenerationOutput], None],
-        stop_token_ids: tuple[int, ...] = (),
-    ) -> RequestHandle:
-        """Queues a request; call from the event loop. `on_done` runs there once it has left the engine."""
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queues a request; call from the event loop, where its `on_done` will run."""
         if not self.alive:
             raise GenerationError("the generation engine is not running")
         loop = asyncio.get_running_loop()
-        request = _Request(
-            inputs=inputs,
-            sampling=sampling,
-            max_new_tokens=max_new_tokens,
-            stream_interval=stream_interval,
-            accumulator=TextAccumulator(self._loaded.tokenizer, stop),
+        running = _Request(
+            inputs=request.inputs,
+            sampling=request.sampling,
+            max_new_tokens=request.max_new_tokens,
+            stream_interval=request.stream_interval,
+            accumulator=TextAccumulator(self._loaded.tokenizer, request.stop),
             stream=RequestStream(loop),
-            on_done=on_done,
+            on_done=request.on_done,
             loop=loop,
-            stop_token_ids=frozenset(stop_token_ids),
-            generator=_seeded(sampling.seed, self._loaded.device),
+            stop_token_ids=frozenset(request.stop_token_ids),
+            generator=_seeded(request.sampling.seed, self._loaded.device),
         )
-        self._submitted.put(request)
-        return RequestHandle(request, self)
+        self._submitted.put(running)
+        return RequestHandle(running, self)
 
     # -- the engine thread ------------------------------------------------------------------------
 
@@ -218,11 +211,11 @@ class Engine:
         try:
             item = self._submitted.get() if block else self._submitted.get_nowait()
             while True:
-                if item is None:
+                if item is _Signal.STOP:
                     return False
                 if isinstance(item, _Probe):
                     item.answer()
-                elif item is not _WAKE:
+                elif isinstance(item, _Request):
                     waiting.append(item)
                 item = self._submitted.get_nowait()
         except queue.Empty:
@@ -325,13 +318,19 @@ class Engine:
     def _finish(self, request: _Request, final: GenerationOutput) -> None:
         # `on_done` is queued on the event loop before the final output, so the slot is free (and
         # `queue_length` down) by the time the client reads its last chunk.
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is gone
-            request.loop.call_soon_threadsafe(request.on_done, final)
+        if request.on_done is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is gone
+                request.loop.call_soon_threadsafe(request.on_done, final)
         request.stream.publish(final)
 
 
-#: Put on the submission queue only to wake an idle engine.
-_WAKE: Any = object()
+class _Signal(enum.Enum):
+    """Control items on the submission queue."""
+
+    WAKE = enum.auto()
+    """Only wakes an idle engine (to notice a cancellation or an abort)."""
+    STOP = enum.auto()
+    """Ends the loop."""
 
 
 @dataclass(frozen=True)
@@ -348,6 +347,10 @@ class _Probe:
 
         with contextlib.suppress(RuntimeError):  # the asker's loop is gone
             self.loop.call_soon_threadsafe(resolve)
+
+
+#: What the submission queue carries from the event loop to the engine thread.
+_Submission = _Request | _Probe | _Signal
 
 
 def _seeded(seed: int | None, device: torch.device) -> torch.Generator | None:

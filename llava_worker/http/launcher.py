@@ -7,11 +7,14 @@ import logging
 import signal
 import socket
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from llava_worker.http.app import create_app
-from llava_worker.worker import ModelWorker
+
+if TYPE_CHECKING:
+    from llava_worker.worker import ModelWorker
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """OpenAI-compatible routes (`/v1/models`, `/v1/chat/completions`) over the worker's own queue and engine.
 
-A chat request is validated at the edge and rendered with the model's own chat template into plain
-GenerateParams (`openai_requests.py`), and then runs through `ModelWorker.generate_stream` like any other request:
-same admission queue, same limits, same metrics. Every failure leaves through `_error_response`.
+A chat request is validated at the edge (`openai_requests.py`), rendered with the model's own chat
+template into plain GenerateParams, and then runs through `ModelWorker.generate_stream` like any
+other request: same admission queue, same limits, same metrics. Every failure leaves through
+`failures.openai_error`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,29 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from llava_worker.errors import ImageError, InvalidRequestError, WorkerError
+from llava_worker.chunks import KEEPALIVE, StreamChunk
+from llava_worker.errors import InvalidRequestError, ShuttingDownError, outcome_of
 from llava_worker.http.body import read_body
 from llava_worker.http.disconnects import ClientDisconnected, gone_response, while_connected
-from llava_worker.http.openai_requests import RequestError, generate_params, parse_chat_request
+from llava_worker.http.failures import new_request_id, openai_error, openai_error_response
+from llava_worker.http.openai_requests import (
+    ChatCompletionRequest,
+    RequestError,
+    chat_messages,
+    check_image_urls,
+    generate_params,
+    parse_chat_request,
+)
+from llava_worker.http.remote_images import fetch_remote_images
 from llava_worker.protocol import GenerateParams, usage
-from llava_worker.worker import KEEPALIVE, ModelWorker, ShuttingDownError, StreamChunk, describe_failure, new_request_id
+
+if TYPE_CHECKING:
+    from llava_worker.worker import ModelWorker
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -80,23 +93,6 @@ def _event(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _counted(worker: ModelWorker, params: GenerateParams, request_id: str) -> AsyncGenerator[StreamChunk, None]:
-    """`worker.generate_stream`, counted in the metrics as `/worker_generate_stream` counts it."""
-    outcome = "cancelled"
-    # Closed explicitly when this is, so the request leaves the engine at once, not when collected.
-    stream = cast("AsyncGenerator[StreamChunk, None]", worker.generate_stream(params, request_id))
-    try:
-        async with contextlib.aclosing(stream) as chunks:
-            async for chunk in chunks:
-                outcome = chunk.finish_reason or outcome
-                yield chunk
-    except Exception as exc:
-        outcome = "rejected" if isinstance(exc, ShuttingDownError) else "error"
-        raise
-    finally:
-        worker.metrics.count(outcome)
-
-
 def _finish_reason(last: StreamChunk | None) -> str:
     if last is None or last.finish_reason == "cancelled":
         # Only a shutdown cancels a request that is still being read, and it leaves no whole answer.
@@ -136,35 +132,12 @@ async def _events(
                 pending = await anext(chunks, None)
             finish_reason = _finish_reason(last)
         except Exception as exc:
-            yield _event(_error_body(exc, request_id)[1])
+            yield _event(openai_error(exc, request_id)[1])
         else:
             yield reply.chunk({}, finish_reason)
             if reply.include_usage and last is not None:
                 yield reply.usage_chunk(last)
         yield _event("[DONE]")
-
-
-# Errors: every failure of this API is mapped to OpenAI's error object here, and only here.
-
-
-def _error_body(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any]]:
-    message = describe_failure(exc, request_id)
-    param: str | None = None
-    code: str | None = None
-    if isinstance(exc, RequestError):
-        status, kind, param, code = exc.status, "invalid_request_error", exc.param, exc.code
-    elif isinstance(exc, ShuttingDownError):
-        status, kind, code = 503, "server_error", "shutting_down"
-    elif isinstance(exc, (InvalidRequestError, ImageError)):
-        status, kind = 400, "invalid_request_error"
-    else:
-        status, kind = 500, "server_error"
-    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _error_response(exc: BaseException, request_id: str) -> JSONResponse:
-    status, body = _error_body(exc, request_id)
-    return JSONResponse(body, status_code=status)
 
 
 def _model_not_found(name: str, served: str) -> RequestError:
@@ -191,53 +164,69 @@ def openai_router(worker: ModelWorker) -> APIRouter:
     @router.get("/models/{name:path}")
     async def retrieve_model(name: str) -> Response:
         if name != worker.model_name:
-            return _error_response(_model_not_found(name, worker.model_name), new_request_id())
+            return openai_error_response(_model_not_found(name, worker.model_name), new_request_id())
         return JSONResponse(model_card())
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        request_id = new_request_id()
-        # 1. Refuse what cannot run before it takes a slot, as the worker's own routes do.
-        try:
-            if worker.draining:
-                raise ShuttingDownError()
-            chat = parse_chat_request(await read_body(request, worker.config.max_request_bytes))
-            if chat.model != worker.model_name:
-                raise _model_not_found(chat.model, worker.model_name)
-            params = await generate_params(chat, worker)
-        except Exception as exc:
-            refused = isinstance(exc, ShuttingDownError)
-            worker.metrics.count("rejected" if refused else "invalid" if isinstance(exc, WorkerError) else "error")
-            return _error_response(exc, request_id)
-        reply = _Reply(
-            id=f"chatcmpl-{request_id}",
-            created=int(time.time()),
-            model=worker.model_name,
-            include_usage=bool(chat.stream_options and chat.stream_options.include_usage),
-        )
-        # 2. Wait for the first chunk: bad images, an over-long prompt or a full context are found
-        #    before the first token, so they still get an HTTP error status instead of a stream.
-        chunks = _counted(worker, params, request_id)
-        try:
-            first = await while_connected(request, anext(chunks))
-            if first.finish_reason == "exceeds_context":
-                raise RequestError(
-                    f"the prompt is {first.prompt_tokens} tokens long (image tokens included), which leaves "
-                    f"no room for new tokens in the model's context of {worker.loaded.context_length} tokens",
-                    param="messages",
-                    code="context_length_exceeded",
-                )
-            # 3. Stream, or gather the whole answer.
-            if chat.stream:
-                events = _events(first, chunks, reply, request_id)
-                return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
-            async with contextlib.aclosing(chunks):
-                return JSONResponse(await while_connected(request, _complete(first, chunks, reply)))
-        except ClientDisconnected:
-            await chunks.aclose()
-            return gone_response()
-        except Exception as exc:
-            await chunks.aclose()
-            return _error_response(exc, request_id)
+        return await _chat_completion(request, worker)
 
     return router
+
+
+async def _chat_completion(request: Request, worker: ModelWorker) -> Response:
+    request_id = new_request_id()
+    # 1. Refuse what cannot run before it takes a slot, as the worker's own routes do.
+    try:
+        if worker.draining:
+            raise ShuttingDownError()
+        chat = parse_chat_request(await read_body(request, worker.config.max_request_bytes))
+        if chat.model != worker.model_name:
+            raise _model_not_found(chat.model, worker.model_name)
+        params = await _params_of(chat, worker)
+    except Exception as exc:
+        worker.metrics.count(outcome_of(exc))
+        return openai_error_response(exc, request_id)
+    reply = _Reply(
+        id=f"chatcmpl-{request_id}",
+        created=int(time.time()),
+        model=worker.model_name,
+        include_usage=bool(chat.stream_options and chat.stream_options.include_usage),
+    )
+    # 2. Wait for the first chunk: bad images, an over-long prompt or a full context are found
+    #    before the first token, so they still get an HTTP error status instead of a stream. The
+    #    chunks are closed explicitly, so the request leaves the engine at once, not when collected.
+    chunks = worker.generate_stream(params, request_id)
+    try:
+        first = await while_connected(request, anext(chunks))
+        if first.finish_reason == "exceeds_context":
+            raise RequestError(
+                f"the prompt is {first.prompt_tokens} tokens long (image tokens included), which leaves "
+                f"no room for new tokens in the model's context of {worker.context_length} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        # 3. Stream, or gather the whole answer.
+        if chat.stream:
+            events = _events(first, chunks, reply, request_id)
+            return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+        async with contextlib.aclosing(chunks):
+            return JSONResponse(await while_connected(request, _complete(first, chunks, reply)))
+    except ClientDisconnected:
+        await chunks.aclose()
+        return gone_response()
+    except Exception as exc:
+        await chunks.aclose()
+        return openai_error_response(exc, request_id)
+
+
+async def _params_of(chat: ChatCompletionRequest, worker: ModelWorker) -> GenerateParams:
+    """The chat's GenerateParams: URLs checked, the prompt rendered, then remote images fetched."""
+    config = worker.config
+    messages, urls = chat_messages(chat, worker.takes_images)
+    check_image_urls(urls, config.max_images, config.allow_remote_images)
+    try:
+        prompt = await worker.render_chat_prompt(messages, len(urls))
+    except InvalidRequestError as exc:
+        raise RequestError(str(exc), param="messages") from None
+    return generate_params(chat, prompt, await fetch_remote_images(urls, config))

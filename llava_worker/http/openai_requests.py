@@ -1,22 +1,16 @@
 """OpenAI chat requests made into the worker's GenerateParams: strict validation (pydantic), refusal of
-what this worker does not do, the model's own chat template, image URLs checked and fetched."""
+what this worker does not do, messages for the model's chat template, image URLs checked."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from typing import Any, Literal
 
-from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llava_worker.config import MAX_NEW_TOKENS_CAP
 from llava_worker.errors import InvalidRequestError, plural
-from llava_worker.http.remote_images import fetch_remote_images, url_scheme
-from llava_worker.models.inputs import IMAGE_PLACEHOLDER
-from llava_worker.models.loader import LoadedModel
-from llava_worker.protocol import GenerateParams, describe_validation_error
-from llava_worker.worker import ModelWorker
+from llava_worker.http.remote_images import url_scheme
+from llava_worker.protocol import GenerateParams, describe_validation_error, json_object
 
 
 class RequestError(InvalidRequestError):
@@ -109,15 +103,9 @@ class ChatCompletionRequest(_Strict):
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    """Decodes and validates a body; raises RequestError naming the offending parameter."""
+    """Decodes and validates a body; raises InvalidRequestError (RequestError naming the parameter)."""
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(raw, dict):
-        raise RequestError(f"request body must be a JSON object, not {type(raw).__name__}")
-    try:
-        request = ChatCompletionRequest.model_validate(raw)
+        request = ChatCompletionRequest.model_validate(json_object(body))
     except ValidationError as exc:
         param = ".".join(str(part) for part in exc.errors()[0]["loc"])
         raise RequestError(describe_validation_error(exc), param=param) from None
@@ -144,7 +132,7 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
         raise RequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
 
 
-# 2. Request → GenerateParams: the prompt from the model's chat template, images in order.
+# 2. Request → GenerateParams: the messages for the model's chat template, image URLs in order.
 
 
 def chat_messages(request: ChatCompletionRequest, takes_images: bool) -> tuple[list[dict[str, Any]], list[str]]:
@@ -174,55 +162,14 @@ def chat_messages(request: ChatCompletionRequest, takes_images: bool) -> tuple[l
     return messages, urls
 
 
-def render_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], images: int) -> str:
-    """The prompt the model's own chat template makes of `messages`, with one `<image>` per image."""
-    try:
-        if loaded.processor is not None:
-            prompt = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            prompt = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except (TemplateError, ValueError) as exc:
-        raise RequestError(f"the model's chat template cannot render these messages: {exc}", param="messages") from None
-    prompt = _without_duplicate_bos(loaded, str(prompt))
-    # The worker's inputs take `<image>` and map it to the model's own image token.
-    image_token = loaded.image_token
-    if image_token and image_token != IMAGE_PLACEHOLDER:
-        prompt = prompt.replace(image_token, IMAGE_PLACEHOLDER)
-    if images and prompt.count(IMAGE_PLACEHOLDER) != images:
-        raise RequestError(
-            f"the chat template made {plural(prompt.count(IMAGE_PLACEHOLDER), IMAGE_PLACEHOLDER + ' placeholder')} "
-            f"for {plural(images, 'image')}; message text must not contain {IMAGE_PLACEHOLDER!r}",
-            param="messages",
-        )
-    return prompt
-
-
-def _without_duplicate_bos(loaded: LoadedModel, prompt: str) -> str:
-    """Drops a BOS the template wrote when tokenizing adds one anyway (Llama-style templates do both)."""
-    tokenizer = loaded.tokenizer
-    bos = tokenizer.bos_token
-    if bos and prompt.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        return prompt[len(bos) :]
-    return prompt
-
-
-async def generate_params(request: ChatCompletionRequest, worker: ModelWorker) -> GenerateParams:
-    """Everything `generate_stream` needs; fetches remote images when the worker allows them."""
-    config = worker.config
-    messages, urls = chat_messages(request, worker.loaded.takes_images)
-    if len(urls) > config.max_images:
-        raise RequestError(
-            f"too many images: {len(urls)} given, at most {config.max_images} accepted", param="messages"
-        )
-    _check_image_urls(urls, config.allow_remote_images)
-    prompt = await asyncio.to_thread(render_prompt, worker.loaded, messages, len(urls))
-    max_new_tokens = request.max_completion_tokens or request.max_tokens or MAX_NEW_TOKENS_CAP
+def generate_params(request: ChatCompletionRequest, prompt: str, images: tuple[str, ...]) -> GenerateParams:
+    """The worker's parameters for `request`, once its prompt is rendered and its images are at hand."""
     return GenerateParams(
         prompt=prompt,
-        images=await fetch_remote_images(urls, config),
+        images=images,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=request.max_completion_tokens or request.max_tokens or MAX_NEW_TOKENS_CAP,
         stop=tuple(stop for stop in request.stop or () if stop),
         echo=False,
         top_k=0,  # OpenAI samples from the whole distribution (after top_p)
@@ -236,7 +183,10 @@ async def generate_params(request: ChatCompletionRequest, worker: ModelWorker) -
 #    only with --allow-remote-images (remote_images.py).
 
 
-def _check_image_urls(urls: list[str], allow_remote: bool) -> None:
+def check_image_urls(urls: list[str], max_images: int, allow_remote: bool) -> None:
+    """Refuses too many images, and URLs this worker does not take, before anything is fetched."""
+    if len(urls) > max_images:
+        raise RequestError(f"too many images: {len(urls)} given, at most {max_images} accepted", param="messages")
     for index, url in enumerate(urls):
         scheme = url_scheme(url)
         if scheme == "data" or (scheme in ("http", "https") and allow_remote):

@@ -9,7 +9,7 @@ import torch
 
 from llava_worker.errors import ImageError, InvalidRequestError, plural
 from llava_worker.models.images import ImageLimits, decode_image, pad_to_square
-from llava_worker.models.loader import LoadedModel
+from llava_worker.models.loaded import LoadedModel
 
 #: The placeholder clients put in the prompt, one per image (LLaVA's convention).
 IMAGE_PLACEHOLDER = "<image>"
@@ -45,16 +45,7 @@ def prepare_inputs(
     from the number of `<image>` placeholders, or when one cannot be decoded.
     """
     prompt = prompt.replace(FASTCHAT_IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER + "\n")
-    placeholders = prompt.count(IMAGE_PLACEHOLDER)
-    if encoded_images and not loaded.takes_images:
-        raise ImageError(
-            f"this model does not accept images, but the request has {plural(len(encoded_images), 'image')}"
-        )
-    if loaded.takes_images and len(encoded_images) != placeholders:
-        raise ImageError(
-            f"{plural(len(encoded_images), 'image')} given, but the prompt has "
-            f"{plural(placeholders, IMAGE_PLACEHOLDER + ' placeholder')}"
-        )
+    _check_image_count(loaded, prompt, len(encoded_images))
 
     if loaded.processor is None:
         encoded = loaded.tokenizer(prompt, return_tensors="pt")
@@ -73,15 +64,29 @@ def prepare_inputs(
         except (ValueError, OSError) as exc:
             raise ImageError(f"the images could not be prepared for the model: {exc}") from None
         tensors = dict(encoded)
-    for name, value in tensors.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(loaded.device)
-            if value.is_floating_point():
-                value = value.to(loaded.dtype)
-            tensors[name] = value
+    tensors = {name: _on_device(value, loaded) for name, value in tensors.items()}
     prompt_tokens = int(tensors["input_ids"].shape[-1])
     if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
         raise InvalidRequestError(
             f"the prompt is {prompt_tokens} tokens long (image tokens included); at most {max_prompt_tokens} accepted"
         )
     return PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens)
+
+
+def _check_image_count(loaded: LoadedModel, prompt: str, images: int) -> None:
+    placeholders = prompt.count(IMAGE_PLACEHOLDER)
+    if images and not loaded.takes_images:
+        raise ImageError(f"this model does not accept images, but the request has {plural(images, 'image')}")
+    if loaded.takes_images and images != placeholders:
+        raise ImageError(
+            f"{plural(images, 'image')} given, but the prompt has "
+            f"{plural(placeholders, IMAGE_PLACEHOLDER + ' placeholder')}"
+        )
+
+
+def _on_device(value: Any, loaded: LoadedModel) -> Any:
+    """A tensor moved to the model's device (floating point ones in its dtype); anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.to(loaded.device)
+    return value.to(loaded.dtype) if value.is_floating_point() else value

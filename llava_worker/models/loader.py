@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from llava_worker.config import DEFAULT_CONTEXT_LENGTH, WorkerConfig, validate_config
 from llava_worker.errors import StartupError
 from llava_worker.models.files import local_directory, one_line, read_raw_config
+from llava_worker.models.loaded import LoadedModel
 from llava_worker.models.original.checkpoint import is_original_config
 from llava_worker.models.original.loader import plan_original_load
 
@@ -31,31 +31,6 @@ logger = logging.getLogger(__name__)
 
 #: Config fields that name a model's context length, most specific first.
 _CONTEXT_LENGTH_FIELDS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions")
-
-
-@dataclass
-class LoadedModel:
-    """A model with everything needed to turn requests into its inputs and its output into text."""
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    processor: Any | None
-    """The multimodal processor; None for a text-only model."""
-    takes_images: bool
-    context_length: int
-    device: torch.device
-    """Where inputs go (the device of the first layers when the model is spread over several)."""
-    dtype: torch.dtype
-    square_pad_colour: tuple[int, ...] | None = None
-    """When set (`--pad-images`), images are centred on a square of this colour before the processor
-    sees them, as the original LLaVA prepares them, instead of being centre-cropped."""
-
-    @property
-    def image_token(self) -> str | None:
-        """The placeholder the processor expands into image tokens (`<image>` for LLaVA)."""
-        if self.processor is None:
-            return None
-        return getattr(self.processor, "image_token", None)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -188,10 +163,11 @@ def context_length_of(model_config: PretrainedConfig) -> int:
 
 def _load_config(model_path: str) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(model_path)
+        config: PretrainedConfig = AutoConfig.from_pretrained(model_path)
     except Exception as exc:  # the hub client raises many types; all mean "cannot use this path"
         where = "a local directory" if os.path.isdir(model_path) else "a model on the Hugging Face hub"
         raise StartupError(f"--model-path {model_path} is not usable as {where}: {one_line(exc)}") from exc
+    return config
 
 
 def _is_vision_language(model_config: PretrainedConfig) -> bool:

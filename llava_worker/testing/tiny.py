@@ -38,8 +38,8 @@ from transformers import (
     ProcessorMixin,
     Qwen2Config,
 )
-from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
+from transformers.utils.import_utils import is_torchvision_available
 
 __all__ = [
     "CHECKPOINT_DIRS",

@@ -69,7 +69,7 @@ ORIGINAL_CHECKPOINT_DIRS: dict[str, str] = {
     "llava-v1.6-mistral": "tiny-original-llava-v1.6-mistral",
     "llava-v1-linear": "tiny-original-llava-v1-linear",
 }
-# Independent of tiny_checkpoints.BUILD_VERSION: bump when anything built here changes.
+# Independent of tiny.BUILD_VERSION: bump when anything built here changes.
 BUILD_VERSION = "2"
 
 SPM_VOCAB_SIZE = 600

@@ -102,12 +102,6 @@ def describe_checkpoint(directory: Path, raw: Mapping[str, Any], vision_tower: s
     Llava and LlavaNext classes cannot reproduce exactly; each refusal names the field and value."""
     name = directory.name
     language = _language_of(raw, name)
-    if (directory / "adapter_config.json").is_file():
-        layout = Layout.LORA
-    elif (directory / "mm_projector.bin").is_file() and not has_weights(directory):
-        layout = Layout.PROJECTOR_ONLY
-    else:
-        layout = Layout.FULL
     for field in ("s2", "mm_resampler_type"):
         if raw.get(field):
             raise StartupError(f"{name}: {field} = {raw[field]!r} (S2 / resampler towers) cannot be served")
@@ -121,30 +115,14 @@ def describe_checkpoint(directory: Path, raw: Mapping[str, Any], vision_tower: s
     select_feature = raw.get("mm_vision_select_feature", "patch")
     if select_feature not in ("patch", "cls_patch"):
         raise StartupError(f"{name}: mm_vision_select_feature = {select_feature!r} cannot be served")
-
     aspect = raw.get("image_aspect_ratio")
-    merge = raw.get("mm_patch_merge_type", "flat")
-    anyres = aspect == "anyres"
-    if anyres and merge != "spatial_unpad":
-        raise StartupError(
-            f"{name}: image_aspect_ratio 'anyres' with mm_patch_merge_type = {merge!r} cannot be served "
-            "(only 'spatial_unpad', the LLaVA-1.6 layout, has a transformers equivalent)"
-        )
-    if isinstance(aspect, str) and aspect.startswith("anyres") and not anyres:
-        raise StartupError(f"{name}: image_aspect_ratio = {aspect!r} cannot be served")
-    if not anyres and merge != "flat":
-        raise StartupError(
-            f"{name}: mm_patch_merge_type = {merge!r} needs image_aspect_ratio 'anyres', "
-            f"but image_aspect_ratio is {aspect!r}"
-        )
-    if anyres and select_feature != "patch":
-        raise StartupError(f"{name}: image_aspect_ratio 'anyres' with mm_vision_select_feature = 'cls_patch'")
+    anyres = _is_anyres(raw, name, select_feature)
     pinpoints = _grid_pinpoints(raw, name) if anyres else []
 
     return OriginalCheckpoint(
         directory=directory,
         raw=raw,
-        layout=layout,
+        layout=_layout_of(directory),
         language=language,
         vision_tower=str(tower),
         ships_vision_tower=bool(raw.get("unfreeze_mm_vision_tower", False)),
@@ -199,6 +177,37 @@ def tower_geometry(vision_config: CLIPVisionConfig) -> tuple[int, int]:
             f"the vision tower has image_size {image_size!r} and patch_size {patch_size!r}; CLIP has ints"
         )
     return image_size, image_size // patch_size
+
+
+def _layout_of(directory: Path) -> Layout:
+    """Decided by the files: an adapter is a LoRA; a projector without model weights is projector-only."""
+    if (directory / "adapter_config.json").is_file():
+        return Layout.LORA
+    if (directory / "mm_projector.bin").is_file() and not has_weights(directory):
+        return Layout.PROJECTOR_ONLY
+    return Layout.FULL
+
+
+def _is_anyres(raw: Mapping[str, Any], name: str, select_feature: str) -> bool:
+    """Whether images are tiled LLaVA-1.6 style; refuses the tilings transformers has no equivalent of."""
+    aspect = raw.get("image_aspect_ratio")
+    merge = raw.get("mm_patch_merge_type", "flat")
+    anyres = aspect == "anyres"
+    if anyres and merge != "spatial_unpad":
+        raise StartupError(
+            f"{name}: image_aspect_ratio 'anyres' with mm_patch_merge_type = {merge!r} cannot be served "
+            "(only 'spatial_unpad', the LLaVA-1.6 layout, has a transformers equivalent)"
+        )
+    if isinstance(aspect, str) and aspect.startswith("anyres") and not anyres:
+        raise StartupError(f"{name}: image_aspect_ratio = {aspect!r} cannot be served")
+    if not anyres and merge != "flat":
+        raise StartupError(
+            f"{name}: mm_patch_merge_type = {merge!r} needs image_aspect_ratio 'anyres', "
+            f"but image_aspect_ratio is {aspect!r}"
+        )
+    if anyres and select_feature != "patch":
+        raise StartupError(f"{name}: image_aspect_ratio 'anyres' with mm_vision_select_feature = 'cls_patch'")
+    return anyres
 
 
 def _language_of(raw: Mapping[str, Any], name: str) -> str:

@@ -12,7 +12,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedToke
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from llava_worker.http.conversations import LLAVA_V1_CHAT_TEMPLATE
+from llava_worker.models.chat_template import LLAVA_V1_CHAT_TEMPLATE
 from llava_worker.models.images import pad_to_square
 from llava_worker.models.original.checkpoint import (
     IMAGE_END_TOKEN,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import PROMPT_1, TEXT_PROMPT, encode_image
+from tests.support.payloads import PROMPT_1, TEXT_PROMPT, encode_image
 
 pytest.importorskip("bitsandbytes")
 

@@ -8,16 +8,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import (
-    PROMPT_1,
-    PROMPT_2,
-    TEXT_PROMPT,
-    StreamingClient,
-    encode_image,
-    greedy,
-    reference_text,
-    wait_until,
-)
+from tests.support.payloads import PROMPT_1, PROMPT_2, TEXT_PROMPT, encode_image, greedy
+from tests.support.reference import reference_text
+from tests.support.servers import StreamingClient, wait_until
 
 LONG_TEXT = "USER: Write a long story about a little boat that sails across the sea at night. ASSISTANT:"
 SHORT_TEXT = "USER: Hi. ASSISTANT:"

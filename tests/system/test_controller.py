@@ -21,16 +21,11 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from .conftest import (
-    PROMPT_1,
-    TEXT_PROMPT,
-    Controller,
-    RunningWorker,
-    encode_image,
-    free_port,
-    stream_chunks,
-    wait_until,
-)
+from tests.support.payloads import PROMPT_1, TEXT_PROMPT, encode_image
+from tests.support.servers import Controller, RunningWorker, free_port, stream_chunks, wait_until
+
+#: Every test here runs FastChat's real controller as a process.
+pytestmark = pytest.mark.subprocess
 
 #: Long enough (about 1.5 s on the text-only checkpoint here) that several queued ones keep it busy.
 LONG_TOKENS = 450

@@ -17,13 +17,13 @@ from PIL import Image
 
 from llava_worker.config import WorkerConfig
 from llava_worker.errors import StartupError
-from llava_worker.http.conversations import LLAVA_SYSTEM_MESSAGE
+from llava_worker.models.chat_template import LLAVA_SYSTEM_MESSAGE
 from llava_worker.models.images import ImageLimits
 from llava_worker.models.inputs import prepare_inputs
 from llava_worker.models.loader import load_model
-
-from .conftest import StreamingClient, encode_image, greedy, wait_until
-from .original_reference import reference_generate, reference_tokenizer
+from tests.support.original_reference import reference_generate, reference_tokenizer
+from tests.support.payloads import encode_image, greedy
+from tests.support.servers import StreamingClient, wait_until
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\nand <image>\nCompare the two pictures. ASSISTANT:"

@@ -37,22 +37,11 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from llava_worker.config import WorkerConfig
-from llava_worker.models.loader import LoadedModel
+from llava_worker.models.loaded import LoadedModel
 from llava_worker.worker import ModelWorker
-
-from .conftest import (
-    PROMPT_1,
-    TEXT_PROMPT,
-    Controller,
-    ModelCache,
-    RunningWorker,
-    encode_image,
-    free_port,
-    greedy,
-    reference_text,
-    reference_tokens,
-    wait_until,
-)
+from tests.support.payloads import PROMPT_1, TEXT_PROMPT, encode_image, greedy
+from tests.support.reference import reference_text, reference_tokens
+from tests.support.servers import Controller, ModelCache, RunningWorker, free_port, wait_until
 
 #: Tokens asked for in the API tests; every answer below runs to this limit ("length").
 MAX_TOKENS = 12
@@ -278,6 +267,7 @@ def stop_string_cut(loaded: LoadedModel, tokens: list[int], stops: list[str]) ->
 # Through FastChat's OpenAI-compatible API server
 
 
+@pytest.mark.subprocess
 def test_models_are_listed_and_the_llava_worker_registers_as_multimodal(stack):
     assert [model.id for model in stack.client.models.list().data] == [LLAVA_MODEL, TEXT_MODEL]
     controller = stack.controller.url
@@ -285,6 +275,7 @@ def test_models_are_listed_and_the_llava_worker_registers_as_multimodal(stack):
     assert post_json(controller, "/list_language_models").json() == {"models": [TEXT_MODEL]}
 
 
+@pytest.mark.subprocess
 def test_text_chat_equals_greedy_generation_streamed_or_not(stack):
     loaded = stack.text.worker.loaded
     question = "Tell me a story about the sea."
@@ -316,6 +307,7 @@ def test_text_chat_equals_greedy_generation_streamed_or_not(stack):
     assert_finishes_once(chunks, "length")
 
 
+@pytest.mark.subprocess
 def test_chat_with_an_image_equals_greedy_generation_streamed_or_not(stack):
     loaded = stack.llava.worker.loaded
     image = encode_image(7)
@@ -355,6 +347,7 @@ def test_chat_with_an_image_equals_greedy_generation_streamed_or_not(stack):
     assert reply.choices[0].message.content == reference_text(loaded, prompt, [other], MAX_TOKENS) != expected
 
 
+@pytest.mark.subprocess
 def test_system_message_and_history_build_llava_multi_turn_prompt(stack):
     loaded = stack.text.worker.loaded
     messages = [
@@ -369,6 +362,7 @@ def test_system_message_and_history_build_llava_multi_turn_prompt(stack):
     assert answer.usage.prompt_tokens == prompt_tokens(loaded, prompt, [])
 
 
+@pytest.mark.subprocess
 def test_stop_strings_from_the_request_end_the_answer(stack):
     loaded = stack.text.worker.loaded
     question = "Tell me a story about the sea."
@@ -392,6 +386,7 @@ def test_stop_strings_from_the_request_end_the_answer(stack):
         assert_finishes_once(chunks, "stop")
 
 
+@pytest.mark.subprocess
 def test_completions_with_and_without_echo(stack):
     loaded = stack.text.worker.loaded
     prompt = "Once upon a time"  # /v1/completions sends the prompt as it is, with no template
@@ -414,6 +409,7 @@ def test_completions_with_and_without_echo(stack):
         assert chunks[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.subprocess
 def test_fastchat_refuses_a_prompt_longer_than_the_context_from_our_token_count(stack):
     loaded = stack.text.worker.loaded
     question = "sea " * 150
@@ -425,12 +421,14 @@ def test_fastchat_refuses_a_prompt_longer_than_the_context_from_our_token_count(
     assert "maximum context length is 512 tokens" in message and f"resulted in {count} tokens" in message
 
 
+@pytest.mark.subprocess
 def test_a_worker_error_reaches_the_api_client(stack):
     messages = [image_message("What is this?", encode_image(1))]
     with pytest.raises(openai.BadRequestError, match="this model does not accept images"):
         chat(stack.client, TEXT_MODEL, messages, max_tokens=4)
 
 
+@pytest.mark.subprocess
 def test_sampling_parameters_openai_allows_reach_the_worker(stack):
     loaded = stack.text.worker.loaded
     question = "Tell me a story about the sea."

@@ -233,7 +233,8 @@ def _language_model(config: dict[str, Any], weights: dict[str, Tensor]) -> Langu
     else:
         model = LlamaForCausalLM(LlamaConfig.from_dict(fields))
     model.load_state_dict({k: v for k, v in weights.items() if k.startswith(_LM_PREFIXES)}, strict=True)
-    return model.float().eval()
+    model.float().eval()
+    return model
 
 
 def _resize_vocabulary(weights: dict[str, Tensor], size: int) -> None:

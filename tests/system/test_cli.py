@@ -6,32 +6,24 @@ import base64
 import importlib.util
 import io
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import torch
 from PIL import Image
 
 from llava_worker.cli import config_from_args
 from llava_worker.config import model_name_from_path
-
-from .conftest import PROMPT_1, TEXT_PROMPT, encode_image, free_port, stream_chunks, wait_until
-from .original_reference import reference_generate, reference_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-#: Importing torch and transformers on a busy two-core machine takes a while; this bounds it.
-START_WITHIN = 240.0
-#: A worker asked to stop (SIGINT/SIGTERM) must be gone by then.
-EXIT_WITHIN = 30.0
+from tests.support.original_reference import reference_generate, reference_tokenizer
+from tests.support.payloads import PROMPT_1, TEXT_PROMPT, encode_image
+from tests.support.processes import REPO, START_WITHIN, WorkerProcess, worker_command, worker_env
+from tests.support.servers import free_port, stream_chunks, wait_until
 
 ORIGINAL_FLAGS = [
     "--host",
@@ -50,71 +42,6 @@ ORIGINAL_FLAGS = [
     "--load-4bit",
     "--use-flash-attn",
 ]
-
-
-def worker_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "llava_worker", *args]
-
-
-def worker_env() -> dict[str, str]:
-    # Local checkpoints only: never wait on the network.
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-class WorkerProcess:
-    """One `python -m llava_worker` on 127.0.0.1, its stderr kept in a file."""
-
-    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stderr_path = log_dir / f"worker-{self.port}.err"
-        command = worker_command("--host", "127.0.0.1", "--port", str(self.port), "--worker-address", self.url, *args)
-        with open(self.stderr_path, "wb") as stderr, open(log_dir / f"worker-{self.port}.out", "wb") as stdout:
-            environment = worker_env() | (env or {})
-            self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=stdout, stderr=stderr)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def _check_running(self) -> None:
-        if self.process.poll() is not None:
-            raise AssertionError(f"the worker exited with {self.process.returncode}:\n{self.stderr()}")
-
-    def _answers(self) -> bool:
-        self._check_running()
-        try:
-            requests.post(self.url + "/worker_get_status", timeout=2)
-        except requests.RequestException:
-            return False
-        return True
-
-    def wait_serving(self) -> WorkerProcess:
-        wait_until(self._answers, START_WITHIN, "the worker to serve", interval=0.2)
-        return self
-
-    def wait_listed(self, controller: Any, name: str) -> None:
-        def listed() -> bool:
-            self._check_running()
-            return name in controller.list_models()
-
-        wait_until(listed, START_WITHIN, f"the controller to list {name}", interval=0.2)
-
-    def status(self) -> dict[str, Any]:
-        answer: dict[str, Any] = requests.post(self.url + "/worker_get_status", timeout=10).json()
-        return answer
-
-    def stop(self, sig: signal.Signals) -> int:
-        """Sends `sig` and returns the exit status; fails if the process outlives EXIT_WITHIN."""
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=EXIT_WITHIN)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the worker did not exit within {EXIT_WITHIN} s of {sig.name}") from None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture
@@ -148,6 +75,7 @@ def heartbeats_logged(tmp_path: Path, controller: Any, worker_url: str) -> int:
     return len(re.findall(rf"Receive heart beat\. {re.escape(worker_url)}$", text, re.MULTILINE))
 
 
+@pytest.mark.subprocess
 def test_help_lists_every_original_flag():
     result = subprocess.run(
         worker_command("--help"), cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120
@@ -235,6 +163,7 @@ def refused(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.mark.parametrize("case", list(IMPOSSIBLE))
+@pytest.mark.subprocess
 def test_impossible_flags_end_with_one_clear_line(case, refused):
     if case == "flash-attn-missing" and importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
@@ -248,6 +177,7 @@ def test_impossible_flags_end_with_one_clear_line(case, refused):
     assert stderr.strip().splitlines()[-1] == errors[0]  # the last word is the reason
 
 
+@pytest.mark.subprocess
 def test_end_to_end_with_fastchat_controller(checkpoints, start_controller, launch, tmp_path):
     controller = start_controller()
     worker = launch(
@@ -278,6 +208,7 @@ def test_end_to_end_with_fastchat_controller(checkpoints, start_controller, laun
     assert_clean_exit(worker, signal.SIGINT)
 
 
+@pytest.mark.subprocess
 def test_original_lora_checkpoint_with_model_base_and_vision_tower_flags(checkpoints, launch):
     """The original's command line for a LoRA checkpoint, with the tower given as a local copy."""
     worker = launch(
@@ -309,6 +240,7 @@ def _hub_cache_with(cache: Path, repos: dict[str, Path]) -> None:
         shutil.copytree(files, storage / "snapshots" / commit)
 
 
+@pytest.mark.subprocess
 def test_original_checkpoint_and_its_tower_by_hub_id(checkpoints, launch, tmp_path):
     """Hub ids for the checkpoint and for the mm_vision_tower it names, resolved from the local cache."""
     cache = tmp_path / "hub-cache"
@@ -339,6 +271,7 @@ def test_original_flags_reach_the_config():
     assert (config.model_base, config.vision_tower, config.pad_images) == ("b", "t", True)
 
 
+@pytest.mark.subprocess
 def test_model_name_flag_is_announced(checkpoints, start_controller, launch):
     controller = start_controller()
     worker = launch(
@@ -361,6 +294,7 @@ def test_model_name_flag_is_announced(checkpoints, start_controller, launch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing to fall back from")
+@pytest.mark.subprocess
 def test_device_cuda_without_a_gpu_falls_back_to_the_cpu(checkpoints, launch, tmp_path):
     # Served from a `checkpoint-N` directory, so the announced name follows the original's rule.
     run_dir = tmp_path / "my-run"

@@ -12,8 +12,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,21 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from llava_worker.config import WorkerConfig
 from llava_worker.engine.core import _Request
 from llava_worker.engine.streams import RequestStream
-from llava_worker.models.loader import LoadedModel
+from llava_worker.models.loaded import LoadedModel
+from tests.support.payloads import TEXT_PROMPT, greedy
+from tests.support.processes import WorkerProcess
+from tests.support.reference import reference_text
+from tests.support.servers import Controller, ModelCache, RunningWorker, stream_chunks, wait_until
 
-from .conftest import (
-    TEXT_PROMPT,
-    Controller,
-    ModelCache,
-    RunningWorker,
-    free_port,
-    greedy,
-    reference_text,
-    stream_chunks,
-    wait_until,
-)
-
-REPO = Path(__file__).resolve().parents[1]
 #: Greedy prompts for the text-only checkpoint; none reaches end-of-sequence within 480 tokens.
 PROMPTS = [
     TEXT_PROMPT,
@@ -52,10 +41,6 @@ PROMPTS = [
 ]
 #: Close to the text-only checkpoint's 512-token context: about 2 s of decoding on this machine.
 LONG_TOKENS = 480
-#: Importing torch and transformers in a subprocess on a busy two-core machine; this bounds it.
-START_WITHIN = 240.0
-#: Once its drain is over a worker must be gone within this.
-EXIT_WITHIN = 30.0
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -273,6 +258,7 @@ def test_100_clients_hanging_up_mid_stream_free_every_slot_and_stop_generation(s
 # -- 3. the controller dies and comes back ------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_requests_survive_a_controller_kill_and_the_worker_registers_again(start_worker, start_controller):
     controller: Controller = start_controller()
     worker: RunningWorker = start_worker(
@@ -327,60 +313,6 @@ def test_requests_survive_a_controller_kill_and_the_worker_registers_again(start
 # -- 4. SIGTERM / SIGINT on a real worker process -----------------------------------------------
 
 
-class WorkerProcess:
-    """`python -m llava_worker` on 127.0.0.1 with the text-only checkpoint; stderr kept in a file."""
-
-    def __init__(self, model_path: Path, grace: float, log_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stderr_path = log_dir / f"worker-{self.port}.err"
-        command = [
-            sys.executable,
-            "-m",
-            "llava_worker",
-            "--device",
-            "cpu",
-            "--no-register",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--model-path",
-            str(model_path),
-            "--shutdown-grace",
-            str(grace),
-        ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait_serving(self) -> WorkerProcess:
-        def answers() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the worker exited with {self.process.returncode}:\n{self.stderr()}")
-            try:
-                return requests.get(self.url + "/ready", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(answers, START_WITHIN, "the worker process to be ready", interval=0.2)
-        return self
-
-    def wait_exit(self) -> int:
-        try:
-            return self.process.wait(timeout=EXIT_WITHIN)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the worker did not exit within {EXIT_WITHIN} s:\n{self.stderr()}") from None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-
-
 #: The tests that use `worker_processes`.
 SIGNAL_TESTS = frozenset(
     {
@@ -403,9 +335,10 @@ def worker_processes(
     log_dir = tmp_path_factory.mktemp("workers")
     model = checkpoints["text-only"]
     processes = {
-        "generous": WorkerProcess(model, 60, log_dir),
-        "short-SIGTERM": WorkerProcess(model, 1, log_dir),
-        "short-SIGINT": WorkerProcess(model, 1, log_dir),
+        name: WorkerProcess(
+            ["--device", "cpu", "--no-register", "--model-path", str(model), "--shutdown-grace", str(grace)], log_dir
+        )
+        for name, grace in (("generous", 60), ("short-SIGTERM", 1), ("short-SIGINT", 1))
     }
     yield processes
     for process in processes.values():
@@ -420,10 +353,11 @@ def assert_clean_exit(worker: WorkerProcess) -> str:
     return stderr
 
 
+@pytest.mark.subprocess
 def test_sigterm_lets_running_streams_finish_and_refuses_new_ones(worker_processes, checkpoints, models):
     loaded = text_only(checkpoints, models)
     expected = {p: expected_text(loaded, p, LONG_TOKENS) for p in PROMPTS}  # while the worker starts
-    worker = worker_processes["generous"].wait_serving()
+    worker = worker_processes["generous"].wait_ready()
     # Five long streams (the default limit) decode together: a drain of a few seconds.
     running = [Client(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in PROMPTS]
     for client in running:
@@ -459,10 +393,11 @@ def test_sigterm_lets_running_streams_finish_and_refuses_new_ones(worker_process
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.subprocess
 def test_a_short_grace_cancels_running_streams_with_a_shutdown_error(worker_processes, checkpoints, models, sig):
     loaded = text_only(checkpoints, models)
     expected = {p: expected_text(loaded, p, LONG_TOKENS) for p in PROMPTS}
-    worker = worker_processes[f"short-{sig.name}"].wait_serving()
+    worker = worker_processes[f"short-{sig.name}"].wait_ready()
     # Five at once decode more slowly than one: they certainly outlast the 1 s grace.
     running = [Client(worker.url, greedy(p, max_new_tokens=LONG_TOKENS)) for p in PROMPTS]
     for client in running:

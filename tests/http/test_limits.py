@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import requests
 
-from .conftest import PROMPT_1, TEXT_PROMPT, RunningWorker, StreamingClient, encode_image, greedy, wait_until
+from tests.support.payloads import PROMPT_1, TEXT_PROMPT, encode_image, greedy
+from tests.support.servers import RunningWorker, StreamingClient, wait_until
 
 
 def post_raw(worker: RunningWorker, body: Any, timeout: float = 30) -> tuple[int, list[dict[str, Any]]]:

@@ -12,20 +12,11 @@ from typing import Any
 import pytest
 import requests
 
-from llava_worker.models.loader import LoadedModel
+from llava_worker.models.loaded import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT
-
-from .conftest import (
-    PROMPT_1,
-    PROMPT_2,
-    TEXT_PROMPT,
-    StreamingClient,
-    encode_image,
-    greedy,
-    reference_text,
-    reference_tokens,
-    wait_until,
-)
+from tests.support.payloads import PROMPT_1, PROMPT_2, TEXT_PROMPT, encode_image, greedy
+from tests.support.reference import reference_text, reference_tokens
+from tests.support.servers import StreamingClient, wait_until
 
 
 def test_wire_format_is_nul_delimited_json_that_only_grows(start_worker):

@@ -19,9 +19,10 @@ import openai
 import pytest
 from PIL import Image
 
-from llava_worker.http.openai_requests import render_prompt
-
-from .conftest import TEXT_PROMPT, RunningWorker, StreamingClient, encode_image, greedy, reference_tokens, wait_until
+from llava_worker.models.chat_prompt import render_prompt
+from tests.support.payloads import TEXT_PROMPT, encode_image, greedy
+from tests.support.reference import reference_tokens
+from tests.support.servers import RunningWorker, StreamingClient, wait_until
 
 QUESTION = "What is shown here?"
 
@@ -314,10 +315,10 @@ def test_unsupported_and_malformed_requests_get_openai_errors(start_worker):
         if raw_param is not None:
             assert error["param"] == raw_param
 
-    # Each was counted once as refused before it took a slot, the bad images as failed requests;
-    # none started generating, and the worker still answers.
-    assert outcome_count(worker, "invalid") == len(refused) + len(raw) + 4
-    assert outcome_count(worker, "error") == 2
+    # Each was counted once as invalid, the two bad images (found only when the inputs are
+    # prepared) too; none started generating, none counts as an error, and the worker still answers.
+    assert outcome_count(worker, "invalid") == len(refused) + len(raw) + 4 + 2
+    assert outcome_count(worker, "error") == 0
     answer = client.chat.completions.create(model=name, messages=hello, temperature=0, max_tokens=4)
     assert answer.choices[0].finish_reason == "length"
 

@@ -1,0 +1,34 @@
+"""LoadedModel: a loaded checkpoint with what turns requests into its inputs and its output into text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed to turn requests into its inputs and its output into text."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    processor: Any | None
+    """The multimodal processor; None for a text-only model."""
+    takes_images: bool
+    context_length: int
+    device: torch.device
+    """Where inputs go (the device of the first layers when the model is spread over several)."""
+    dtype: torch.dtype
+    square_pad_colour: tuple[int, ...] | None = None
+    """When set (`--pad-images`), images are centred on a square of this colour before the processor
+    sees them, as the original LLaVA prepares them, instead of being centre-cropped."""
+
+    @property
+    def image_token(self) -> str | None:
+        """The placeholder the processor expands into image tokens (`<image>` for LLaVA)."""
+        if self.processor is None:
+            return None
+        return getattr(self.processor, "image_token", None)
