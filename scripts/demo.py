@@ -173,6 +173,7 @@ ORIGINAL_MODELS: dict[str, tuple[str, list[str]]] = {
     "original-v1.5": ("llava-v1.5-llava_llama", []),
     "original-v1.5-lora": ("llava-v1.5-lora", ["--model-base", "@vicuna-base"]),
     "original-v1.6": ("llava-v1.6-mistral", ["--vision-tower", "@clip-tower"]),
+    "internvl-chat": ("internvl-chat-7b", []),
 }
 
 
@@ -182,13 +183,14 @@ def _relative(path: Path) -> str:
 
 def run_demo(args: argparse.Namespace, stack: ExitStack) -> None:
     from llava_worker.testing.tiny import CHECKPOINT_DIRS, build_all
+    from llava_worker.testing.tiny_internvl_chat import build_internvl_chat_checkpoints
     from llava_worker.testing.tiny_original import build_original_checkpoints
 
     print(f"[demo] building the tiny checkpoints in {CHECKPOINT_ROOT} (once; later runs reuse them)")
     paths = build_all(CHECKPOINT_ROOT)
     extra_flags: list[str] = []
     if args.model in ORIGINAL_MODELS:
-        paths |= build_original_checkpoints(CHECKPOINT_ROOT)
+        paths |= build_original_checkpoints(CHECKPOINT_ROOT) | build_internvl_chat_checkpoints(CHECKPOINT_ROOT)
         checkpoint, flags = ORIGINAL_MODELS[args.model]
         model_dir = paths[checkpoint]
         extra_flags = [_relative(paths[f[1:]]) if f.startswith("@") else f for f in flags]
@@ -274,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         "--model",
         choices=["llava-1.5", "llava-next", "text-only", *ORIGINAL_MODELS],
         default="llava-1.5",
-        help="tiny checkpoint to serve (default: llava-1.5); original-* are in the original LLaVA layout",
+        help="tiny checkpoint to serve (default: llava-1.5); original-* are in the original LLaVA layout, "
+        "internvl-chat is InternVL-Chat-1.0 (that layout with an InternViT-6B tower)",
     )
     parser.add_argument(
         "--prompt",

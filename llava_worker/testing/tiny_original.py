@@ -53,10 +53,20 @@ __all__ = [
     "IMAGE_PATCH_TOKEN",
     "IM_END_TOKEN",
     "IM_START_TOKEN",
+    "LM_HIDDEN_SIZE",
     "MM_HIDDEN_SIZE",
     "ORIGINAL_CHECKPOINT_DIRS",
     "SPM_VOCAB_SIZE",
     "build_original_checkpoints",
+    "language_model",
+    "legacy_text_fields",
+    "llava_config",
+    "projector_weights",
+    "save_safetensors",
+    "save_sharded",
+    "write_generation_config",
+    "write_json",
+    "write_tokenizer",
 ]
 
 ORIGINAL_CHECKPOINT_DIRS: dict[str, str] = {
@@ -128,7 +138,7 @@ def _added_token(content: str) -> dict[str, Any]:
     return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -162,7 +172,7 @@ def _sentencepiece_model() -> bytes:
     return model.getvalue()
 
 
-def _write_tokenizer(out_dir: Path, added: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+def write_tokenizer(out_dir: Path, added: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Write tokenizer files the way liuhaotian's repos ship them (no tokenizer.json) and load them back."""
     (out_dir / "tokenizer.model").write_bytes(_sentencepiece_model())
     config: dict[str, Any] = {
@@ -182,12 +192,12 @@ def _write_tokenizer(out_dir: Path, added: Sequence[str] = ()) -> PreTrainedToke
     if added:
         # added_tokens.json alone, as LLaVA v1 repos (transformers 4.31) have it: an added_tokens_decoder
         # in tokenizer_config.json would make transformers 5 ignore special_tokens_map.json (pad = unk).
-        _write_json(out_dir / "added_tokens.json", {t: SPM_VOCAB_SIZE + i for i, t in enumerate(added)})
-    _write_json(out_dir / "tokenizer_config.json", config)
+        write_json(out_dir / "added_tokens.json", {t: SPM_VOCAB_SIZE + i for i, t in enumerate(added)})
+    write_json(out_dir / "tokenizer_config.json", config)
     # LLaVA's (and FastChat's) training sets pad = unk and saves it here, while tokenizer_config keeps
     # the base's null: the hub files carry both.
     special = {name: _added_token(content) for name, content in (("bos_token", "<s>"), ("eos_token", "</s>"))}
-    _write_json(
+    write_json(
         out_dir / "special_tokens_map.json", {**special, "pad_token": "<unk>", "unk_token": _added_token("<unk>")}
     )
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
@@ -201,7 +211,7 @@ def _write_tokenizer(out_dir: Path, added: Sequence[str] = ()) -> PreTrainedToke
 def _base_tokenizer() -> PreTrainedTokenizerFast:
     # LoRA and projector-only releases ship no tokenizer: the base's is what sizes their vocabulary.
     with tempfile.TemporaryDirectory() as scratch:
-        return _write_tokenizer(Path(scratch))
+        return write_tokenizer(Path(scratch))
 
 
 @functools.cache
@@ -254,7 +264,7 @@ def _random(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator) * INITIALIZER_RANGE
 
 
-def _projector(projector_type: str, seed: int) -> dict[str, torch.Tensor]:
+def projector_weights(projector_type: str, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     if projector_type == "linear":
         return {
@@ -271,7 +281,7 @@ def _projector(projector_type: str, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _language_model(tokenizer: PreTrainedTokenizerFast, seed: int, *, mistral: bool = False) -> PreTrainedModel:
+def language_model(tokenizer: PreTrainedTokenizerFast, seed: int, *, mistral: bool = False) -> PreTrainedModel:
     fields = language_fields(tokenizer)
     model: PreTrainedModel
     torch.manual_seed(seed)
@@ -293,7 +303,7 @@ def _zero_head_rows(state: dict[str, torch.Tensor], token_ids: Sequence[int]) ->
     state["lm_head.weight"][list(token_ids)] = 0.0
 
 
-def _legacy_text_fields(config: PretrainedConfig) -> dict[str, Any]:
+def legacy_text_fields(config: PretrainedConfig) -> dict[str, Any]:
     """``config`` as transformers 4.37 would have written it: rope_theta, torch_dtype, no v5-only keys."""
     fields = config.to_dict()
     rope = fields["rope_parameters"]
@@ -308,7 +318,7 @@ def _legacy_text_fields(config: PretrainedConfig) -> dict[str, Any]:
     return legacy
 
 
-def _llava_config(
+def llava_config(
     model: PreTrainedModel,
     *,
     vision_tower: str,
@@ -316,7 +326,7 @@ def _llava_config(
     **overrides: Any,
 ) -> dict[str, Any]:
     config = {
-        **_legacy_text_fields(model.config),
+        **legacy_text_fields(model.config),
         "_name_or_path": name_or_path,
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava_llama",
@@ -342,9 +352,9 @@ def _llava_config(
     return config
 
 
-def _write_generation_config(out_dir: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+def write_generation_config(out_dir: Path, tokenizer: PreTrainedTokenizerFast) -> None:
     # No sampling defaults: the worker's request parameters alone decide how to decode.
-    _write_json(
+    write_json(
         out_dir / "generation_config.json",
         {
             "bos_token_id": tokenizer.bos_token_id,
@@ -355,11 +365,11 @@ def _write_generation_config(out_dir: Path, tokenizer: PreTrainedTokenizerFast) 
     )
 
 
-def _save_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+def save_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     save_file({key: value.contiguous() for key, value in state.items()}, str(path), metadata={"format": "pt"})
 
 
-def _save_sharded(out_dir: Path, state: dict[str, torch.Tensor], shards: int = 2) -> None:
+def save_sharded(out_dir: Path, state: dict[str, torch.Tensor], shards: int = 2) -> None:
     """Shard like a multi-file hub checkpoint: whole tensors per file plus the ``weight_map`` index."""
     keys = list(state)
     per_shard = -(-len(keys) // shards)
@@ -367,10 +377,10 @@ def _save_sharded(out_dir: Path, state: dict[str, torch.Tensor], shards: int = 2
     for index in range(shards):
         name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
         chunk = keys[index * per_shard : (index + 1) * per_shard]
-        _save_safetensors(out_dir / name, {key: state[key] for key in chunk})
+        save_safetensors(out_dir / name, {key: state[key] for key in chunk})
         weight_map.update(dict.fromkeys(chunk, name))
     total = sum(value.numel() * value.element_size() for value in state.values())
-    _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _build_clip_tower(out_dir: Path) -> None:
@@ -386,14 +396,14 @@ def _build_clip_tower(out_dir: Path) -> None:
 
 
 def _build_vicuna_base(out_dir: Path) -> None:
-    tokenizer = _write_tokenizer(out_dir)
-    model = _language_model(tokenizer, _SEEDS["vicuna-base"])
+    tokenizer = write_tokenizer(out_dir)
+    model = language_model(tokenizer, _SEEDS["vicuna-base"])
     save_quietly(model, out_dir)
     # lmsys/vicuna-7b-v1.5 was saved by transformers 4.31: keep its spelling of the config.
-    _write_json(
+    write_json(
         out_dir / "config.json",
         {
-            **_legacy_text_fields(model.config),
+            **legacy_text_fields(model.config),
             "_name_or_path": "meta-llama/Llama-2-7b-hf",
             "architectures": ["LlamaForCausalLM"],
         },
@@ -401,21 +411,21 @@ def _build_vicuna_base(out_dir: Path) -> None:
 
 
 def _build_llava_llama(out_dir: Path, tower: str) -> None:
-    tokenizer = _write_tokenizer(out_dir)
+    tokenizer = write_tokenizer(out_dir)
     seed = _SEEDS["llava-v1.5-llava_llama"]
-    model = _language_model(tokenizer, seed)
-    _write_json(out_dir / "config.json", _llava_config(model, vision_tower=tower))
-    _write_generation_config(out_dir, tokenizer)
-    _save_sharded(out_dir, {**model.state_dict(), **_projector("mlp2x_gelu", seed)})
+    model = language_model(tokenizer, seed)
+    write_json(out_dir / "config.json", llava_config(model, vision_tower=tower))
+    write_generation_config(out_dir, tokenizer)
+    save_sharded(out_dir, {**model.state_dict(), **projector_weights("mlp2x_gelu", seed)})
 
 
 def _build_llava_model_type(out_dir: Path, tower: str) -> None:
-    tokenizer = _write_tokenizer(out_dir)
+    tokenizer = write_tokenizer(out_dir)
     seed = _SEEDS["llava-v1.5-llava"]
-    model = _language_model(tokenizer, seed)
+    model = language_model(tokenizer, seed)
     # Some liuhaotian repos say "llava", which AutoConfig silently reads as transformers' LlavaConfig.
-    _write_json(out_dir / "config.json", _llava_config(model, vision_tower=tower, model_type="llava"))
-    _write_generation_config(out_dir, tokenizer)
+    write_json(out_dir / "config.json", llava_config(model, vision_tower=tower, model_type="llava"))
+    write_generation_config(out_dir, tokenizer)
     text = model.config
     head_dim = text.hidden_size // text.num_attention_heads
     # Older transformers saved the rotary buffer in every layer; nothing may load it now.
@@ -425,16 +435,16 @@ def _build_llava_model_type(out_dir: Path, tower: str) -> None:
     }
     # A stale tower copy that unfreeze_mm_vision_tower: false says to ignore in favour of mm_vision_tower.
     decoy = _checkpoint_tower(seed)
-    state = {**model.state_dict(), **rotary, **_projector("mlp2x_gelu", seed), **decoy}
+    state = {**model.state_dict(), **rotary, **projector_weights("mlp2x_gelu", seed), **decoy}
     torch.save(state, out_dir / "pytorch_model.bin")
 
 
 def _build_lora(out_dir: Path, tower: str) -> None:
     seed = _SEEDS["llava-v1.5-lora"]
     # Only its config and shapes matter here: the weights come from the base at load time.
-    shape_model = _language_model(_base_tokenizer(), _SEEDS["vicuna-base"])
-    _write_json(out_dir / "config.json", _llava_config(shape_model, vision_tower=tower))
-    _write_json(
+    shape_model = language_model(_base_tokenizer(), _SEEDS["vicuna-base"])
+    write_json(out_dir / "config.json", llava_config(shape_model, vision_tower=tower))
+    write_json(
         out_dir / "adapter_config.json",
         {
             "peft_type": "LORA",
@@ -462,25 +472,25 @@ def _build_lora(out_dir: Path, tower: str) -> None:
         adapter[f"{prefix}.lora_A.weight"] = _random((_LORA_RANK, module.in_features), generator)
         adapter[f"{prefix}.lora_B.weight"] = _random((module.out_features, _LORA_RANK), generator)
     assert len(adapter) == 2 * len(_LORA_TARGETS) * shape_model.config.num_hidden_layers
-    _save_safetensors(out_dir / "adapter_model.safetensors", adapter)
-    projector = {f"base_model.model.{key}": value for key, value in _projector("mlp2x_gelu", seed).items()}
+    save_safetensors(out_dir / "adapter_model.safetensors", adapter)
+    projector = {f"base_model.model.{key}": value for key, value in projector_weights("mlp2x_gelu", seed).items()}
     torch.save(projector, out_dir / "non_lora_trainables.bin")
 
 
 def _build_projector(out_dir: Path, tower: str) -> None:
     seed = _SEEDS["llava-v1.5-projector"]
-    shape_model = _language_model(_base_tokenizer(), _SEEDS["vicuna-base"])
-    _write_json(out_dir / "config.json", _llava_config(shape_model, vision_tower=tower))
+    shape_model = language_model(_base_tokenizer(), _SEEDS["vicuna-base"])
+    write_json(out_dir / "config.json", llava_config(shape_model, vision_tower=tower))
     # Pretraining saves the projector in half precision; the original casts it to fp16 on load too.
-    projector = {key: value.half() for key, value in _projector("mlp2x_gelu", seed).items()}
+    projector = {key: value.half() for key, value in projector_weights("mlp2x_gelu", seed).items()}
     torch.save(projector, out_dir / "mm_projector.bin")
 
 
 def _build_mistral(out_dir: Path) -> None:
-    tokenizer = _write_tokenizer(out_dir)
+    tokenizer = write_tokenizer(out_dir)
     seed = _SEEDS["llava-v1.6-mistral"]
-    model = _language_model(tokenizer, seed, mistral=True)
-    config = _llava_config(
+    model = language_model(tokenizer, seed, mistral=True)
+    config = llava_config(
         model,
         # A hub id on purpose: with no network the caller must point --vision-tower at a directory,
         # and the checkpoint's own tower weights must still win over that directory's.
@@ -493,24 +503,24 @@ def _build_mistral(out_dir: Path) -> None:
         image_grid_pinpoints=GRID_PINPOINTS_WH,
         unfreeze_mm_vision_tower=True,
     )
-    _write_json(out_dir / "config.json", config)
-    _write_generation_config(out_dir, tokenizer)
+    write_json(out_dir / "config.json", config)
+    write_generation_config(out_dir, tokenizer)
     generator = torch.Generator().manual_seed(seed)
     state = {
         **model.state_dict(),
-        **_projector("mlp2x_gelu", seed),
+        **projector_weights("mlp2x_gelu", seed),
         "model.image_newline": _random((LM_HIDDEN_SIZE,), generator),
         **_checkpoint_tower(seed),
     }
-    _save_safetensors(out_dir / "model.safetensors", state)
+    save_safetensors(out_dir / "model.safetensors", state)
 
 
 def _build_linear(out_dir: Path, tower: str) -> None:
     added = (IMAGE_PATCH_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
-    tokenizer = _write_tokenizer(out_dir, added)
+    tokenizer = write_tokenizer(out_dir, added)
     seed = _SEEDS["llava-v1-linear"]
-    model = _language_model(tokenizer, seed)
-    config = _llava_config(
+    model = language_model(tokenizer, seed)
+    config = llava_config(
         model,
         vision_tower=tower,
         mm_projector_type="linear",
@@ -520,11 +530,11 @@ def _build_linear(out_dir: Path, tower: str) -> None:
     )
     # LLaVA v1 predates image_aspect_ratio: its absence must mean the default (no padding).
     del config["image_aspect_ratio"]
-    _write_json(out_dir / "config.json", config)
-    _write_generation_config(out_dir, tokenizer)
-    state = {**model.state_dict(), **_projector("linear", seed)}
+    write_json(out_dir / "config.json", config)
+    write_generation_config(out_dir, tokenizer)
+    state = {**model.state_dict(), **projector_weights("linear", seed)}
     _zero_head_rows(state, [SPM_VOCAB_SIZE + index for index in range(len(added))])
-    _save_safetensors(out_dir / "model.safetensors", state)
+    save_safetensors(out_dir / "model.safetensors", state)
 
 
 def _stamp(root: Path) -> str:

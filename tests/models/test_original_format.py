@@ -1,5 +1,5 @@
 """Original-format LLaVA checkpoints (haotian-liu/LLaVA layout): the worker's greedy answers equal an
-independent computation of the original architecture (tests/original_reference.py)."""
+independent computation of the original architecture (tests/support/original_reference.py)."""
 
 from __future__ import annotations
 

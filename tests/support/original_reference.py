@@ -6,6 +6,10 @@ This is the yardstick for original-format checkpoints: it re-derives what the or
 ``llava/serve/model_worker.py``) computes, without transformers' Llava/LlavaNext classes or processors
 and without merging LoRA weights, so that it shares no conversion code with the worker under test.
 It runs in float32 on the CPU; the original runs in float16, which tiny checkpoints don't need.
+
+InternVL-Chat-1.0 checkpoints are served by InternVL's copy of that code (``internvl_chat_llava``),
+which picks the vision tower by its name: an InternViT-6B tower is computed by
+:mod:`tests.support.internvit_reference` (with the copy's built-in preprocessing) instead of CLIP.
 """
 
 from __future__ import annotations
@@ -38,7 +42,22 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-__all__ = ["IMAGE_TOKEN_INDEX", "reference_generate", "reference_tokenizer"]
+from tests.support.internvit_reference import (
+    VARIANTS,
+    InternViT,
+    internvit_image_processor,
+    internvit_pad_colour,
+    tower_kind,
+)
+
+__all__ = [
+    "IMAGE_TOKEN_INDEX",
+    "VARIANTS",
+    "load_internvit",
+    "load_weights",
+    "reference_generate",
+    "reference_tokenizer",
+]
 
 # llava/constants.py: the id spliced into input_ids where an image goes; never in the vocabulary.
 IMAGE_TOKEN_INDEX = -200
@@ -100,7 +119,7 @@ def _has_lm_weights(directory: Path) -> bool:
     return any((directory / name).is_file() for name in _LM_WEIGHT_FILES)
 
 
-def _load_weights(directory: Path) -> dict[str, Tensor]:
+def load_weights(directory: Path) -> dict[str, Tensor]:
     """Every tensor of a full checkpoint, as ``from_pretrained`` finds them: single or sharded,
     safetensors before pickles. Old ``.bin`` files carry ``rotary_emb.inv_freq`` buffers that no
     model loads (they are recomputed), so they are dropped here."""
@@ -288,14 +307,18 @@ class _Reference:
     config: dict[str, Any]
     tokenizer: PreTrainedTokenizerBase
     language_model: LanguageModel
-    vision_tower: CLIPVisionModel
+    vision_tower: CLIPVisionModel | InternViT
     image_processor: CLIPImageProcessorPil
     projector: nn.Module
     image_newline: Tensor | None
     eos_token_ids: frozenset[int]
+    #: ``pad`` fills with this colour; ``None``: ``int(255 · mean)`` of the processor's mean.
+    pad_colour: tuple[int, ...] | None = None
+    #: The hidden state the tower's features come from (``mm_vision_select_layer``).
+    select_layer: int = -2
 
 
-_CACHE: dict[tuple[Path, Path | None, Path | None], _Reference] = {}
+_CACHE: dict[tuple[Path, Path | None, Path | None, str | None], _Reference] = {}
 
 
 def _eos_token_ids(lm_dir: Path, config: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -308,27 +331,29 @@ def _eos_token_ids(lm_dir: Path, config: dict[str, Any], tokenizer: PreTrainedTo
     return frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
-def _load(checkpoint: Path, model_base: Path | None, vision_tower: Path | None) -> _Reference:
-    """The cached parts for one (checkpoint, model_base, vision_tower)."""
-    key = (checkpoint.resolve(), model_base and model_base.resolve(), vision_tower and vision_tower.resolve())
+def _load(checkpoint: Path, model_base: Path | None, vision_tower: Path | None, variant: str | None) -> _Reference:
+    """The cached parts for one (checkpoint, model_base, vision_tower, variant)."""
+    key = (checkpoint.resolve(), model_base and model_base.resolve(), vision_tower and vision_tower.resolve(), variant)
     if key not in _CACHE:
         with _quiet():
-            _CACHE[key] = _load_uncached(checkpoint, model_base, vision_tower)
+            _CACHE[key] = _load_uncached(checkpoint, model_base, vision_tower, variant)
     return _CACHE[key]
 
 
-def _load_uncached(checkpoint: Path, model_base: Path | None, vision_tower: Path | None) -> _Reference:
+def _load_uncached(
+    checkpoint: Path, model_base: Path | None, vision_tower: Path | None, variant: str | None
+) -> _Reference:
     """Mirrors ``builder.load_pretrained_model`` and ``CLIPVisionTower.load_model``."""
     config = _read_json(checkpoint / "config.json")
     layout = _layout(checkpoint)
     tokenizer = reference_tokenizer(checkpoint, model_base)
     lm_dir = checkpoint
     if layout == "full":
-        weights = _load_weights(checkpoint)
+        weights = load_weights(checkpoint)
     else:
         assert model_base is not None
         lm_dir = model_base
-        weights = _load_weights(model_base)
+        weights = load_weights(model_base)
         if layout == "lora":
             weights.update(_non_lora_trainables(checkpoint))
         else:
@@ -353,11 +378,7 @@ def _load_uncached(checkpoint: Path, model_base: Path | None, vision_tower: Path
     tower_source = vision_tower or config.get("mm_vision_tower", config.get("vision_tower"))
     if tower_source is None or not Path(tower_source).is_dir():
         raise ValueError(f"vision tower {tower_source!r} is not a local directory; pass vision_tower")
-    tower = CLIPVisionModel.from_pretrained(tower_source, dtype=torch.float32, attn_implementation="eager")
-    if config.get("unfreeze_mm_vision_tower", False):
-        _replace_tower_weights(tower, weights)
-    tower.eval()
-    image_processor = CLIPImageProcessorPil.from_pretrained(tower_source)
+    tower, image_processor, pad_colour, select_layer = _load_tower(config, weights, str(tower_source), variant)
 
     return _Reference(
         config=config,
@@ -368,7 +389,45 @@ def _load_uncached(checkpoint: Path, model_base: Path | None, vision_tower: Path
         projector=projector,
         image_newline=image_newline,
         eos_token_ids=_eos_token_ids(lm_dir, config, tokenizer),
+        pad_colour=pad_colour,
+        select_layer=select_layer,
     )
+
+
+def _load_tower(
+    config: dict[str, Any], weights: dict[str, Tensor], source: str, variant: str | None
+) -> tuple[CLIPVisionModel | InternViT, CLIPImageProcessorPil, tuple[int, ...] | None, int]:
+    """The tower, its image processor, the ``pad`` colour (``None``: the processor's mean) and the
+    selected hidden state. The tower kind follows the copy's name rules on the tower's path (haotian's
+    own code knows only CLIP: the two agree unless a CLIP path contains "eva"). For InternViT-6B this
+    mirrors the copy's ``CLIPVisionTower.load_model``: weights always from the tower's own directory
+    (never a copy inside the checkpoint), its config.json read as JSON, the image processor built in
+    code."""
+    select_layer = int(config.get("mm_vision_select_layer", -2))
+    # The copy tests the whole string; the worker deliberately tests only the tower's own name (a
+    # parent directory named "eva…" or "…448…" says nothing of the tower), and the tests' temporary
+    # directories must not decide the outcome either.
+    name = Path(source).name
+    kind = tower_kind(name)
+    if kind == "internvit-6b":
+        tower = load_internvit(Path(source), variant)
+        if variant == "select-layer-3":
+            select_layer = -3
+        return tower, internvit_image_processor(name), internvit_pad_colour(variant), select_layer
+    if kind != "clip":
+        raise NotImplementedError(f"the reference does not compute {kind} towers ({source})")
+    if variant is not None:
+        raise ValueError(f"variant {variant!r} applies to InternViT-6B towers only")
+    clip = CLIPVisionModel.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
+    if config.get("unfreeze_mm_vision_tower", False):
+        _replace_tower_weights(clip, weights)
+    clip.eval()
+    return clip, CLIPImageProcessorPil.from_pretrained(source), None, select_layer
+
+
+def load_internvit(directory: Path, variant: str | None = None) -> InternViT:
+    """An InternViT-6B tower repository (config.json read as JSON, weights under its own names)."""
+    return InternViT(_read_json(Path(directory) / "config.json"), load_weights(Path(directory)), variant)
 
 
 def _replace_tower_weights(tower: CLIPVisionModel, weights: dict[str, Tensor]) -> None:
@@ -477,15 +536,21 @@ def process_anyres_image(
 
 
 def process_images(
-    images: list[Image.Image], processor: CLIPImageProcessorPil, config: dict[str, Any], center_crop: bool
+    images: list[Image.Image],
+    processor: CLIPImageProcessorPil,
+    config: dict[str, Any],
+    center_crop: bool,
+    background: tuple[int, ...] | None = None,
 ) -> list[Tensor]:
     """Mirrors ``mm_utils.process_images``, one pixel tensor per image: (3, H, W) for ``pad`` and
-    plain CLIP preprocessing, (1 + tiles, 3, H, W) for ``anyres``."""
+    plain CLIP preprocessing, (1 + tiles, 3, H, W) for ``anyres``. ``pad`` fills with
+    ``background``, by default ``int(x * 255)`` of each of the processor's means."""
     aspect = config.get("image_aspect_ratio")
     if center_crop and aspect not in ("pad", None):
         raise ValueError("center_crop contrasts with `pad` preprocessing only")
     if aspect == "pad" and not center_crop:
-        background = tuple(int(x * 255) for x in processor.image_mean)
+        if background is None:
+            background = tuple(int(x * 255) for x in processor.image_mean)
         return [_pixels(processor, expand2square(image, background)) for image in images]
     if aspect == "anyres":
         return [process_anyres_image(image, processor, _pinpoints(config)) for image in images]
@@ -503,8 +568,11 @@ def process_images(
 def encode_images(ref: _Reference, pixel_values: Tensor) -> Tensor:
     """Mirrors ``encode_images``: ``CLIPVisionTower.forward`` (hidden state
     ``mm_vision_select_layer``; ``patch`` drops CLS, ``cls_patch`` keeps it) then the projector."""
-    outputs = ref.vision_tower(pixel_values, output_hidden_states=True)
-    features = outputs.hidden_states[ref.config.get("mm_vision_select_layer", -2)]
+    if isinstance(ref.vision_tower, InternViT):
+        hidden_states = ref.vision_tower.hidden_states(pixel_values)
+    else:
+        hidden_states = ref.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    features = hidden_states[ref.select_layer]
     select = ref.config.get("mm_vision_select_feature", "patch")
     if select == "patch":
         features = features[:, 1:]
@@ -538,6 +606,7 @@ def _merge_anyres(ref: _Reference, feature: Tensor, image_size: tuple[int, int])
             return torch.cat((feature[0], ref.image_newline[None]), dim=0)
         return feature[0]
     base, tiles = feature[0], feature[1:]
+    assert isinstance(ref.vision_tower, CLIPVisionModel), "anyres checkpoints use CLIP towers"
     tower_size = int(ref.vision_tower.config.image_size)  # type: ignore[arg-type]
     side = tower_size // int(ref.vision_tower.config.patch_size)  # type: ignore[arg-type]
     if side * side != base.shape[0]:
@@ -558,7 +627,7 @@ def _merge_anyres(ref: _Reference, feature: Tensor, image_size: tuple[int, int])
 def image_features(ref: _Reference, images: list[Image.Image], center_crop: bool) -> list[Tensor]:
     """One (positions, hidden) tensor per image, as ``prepare_inputs_labels_for_multimodal`` builds
     them: single views are encoded as one batch; anyres views go through the list/5-D branch."""
-    pixels = process_images(images, ref.image_processor, ref.config, center_crop)
+    pixels = process_images(images, ref.image_processor, ref.config, center_crop, ref.pad_colour)
     if pixels[0].ndim == 3:
         return list(encode_images(ref, torch.stack(pixels)))
     encoded = encode_images(ref, torch.cat(pixels))
@@ -608,16 +677,19 @@ def reference_generate(
     vision_tower: Path | None = None,
     whole_prompt_tokenization: bool = False,
     center_crop: bool = False,
+    variant: str | None = None,
 ) -> list[int]:
     """Greedy token ids the original worker generates for ``prompt`` (with its ``<image>``
     placeholders) and RGB ``images``; an EOS that ends generation is included, as ``generate``
     returns it. ``whole_prompt_tokenization`` and ``center_crop`` swap in the llava-hf
-    tokenisation and plain CLIP preprocessing, only to show that they change the answer."""
+    tokenisation and plain CLIP preprocessing, and ``variant`` (one of :data:`VARIANTS`, InternViT-6B
+    towers only) one deliberate mistake, only to show that they change the answer."""
     checkpoint = Path(checkpoint)
     ref = _load(
         checkpoint,
         Path(model_base) if model_base is not None else None,
         Path(vision_tower) if vision_tower is not None else None,
+        variant,
     )
     if prompt.count(DEFAULT_IMAGE_TOKEN) != len(images):
         raise ValueError("Number of images does not match number of <image> tokens in prompt")

@@ -13,7 +13,6 @@ from typing import Any
 
 from transformers import (
     CONFIG_MAPPING,
-    CLIPVisionConfig,
     LlavaConfig,
     LlavaNextConfig,
     PretrainedConfig,
@@ -21,6 +20,7 @@ from transformers import (
 
 from llava_worker.errors import StartupError
 from llava_worker.models.files import has_weights
+from llava_worker.models.original.towers import VisionTower
 
 #: The original's language-model families by `model_type`; plain "llava" is what some liuhaotian
 #: repos wrote for their Llama models.
@@ -72,7 +72,7 @@ class OriginalCheckpoint:
     language: str
     """`llama` or `mistral`: the transformers model type of the language model."""
     vision_tower: str
-    """Hub id or directory of the CLIP tower (its config, image processor and, usually, weights)."""
+    """Hub id or directory of the vision tower: CLIP, or InternViT-6B for InternVL-Chat-1.0."""
     ships_vision_tower: bool
     """The checkpoint's own tower weights replace the tower's (`unfreeze_mm_vision_tower`)."""
     projector_type: str
@@ -149,12 +149,12 @@ def language_config(raw: Mapping[str, Any], language: str) -> PretrainedConfig:
 
 
 def llava_config(
-    checkpoint: OriginalCheckpoint, text_config: PretrainedConfig, vision_config: CLIPVisionConfig, image_token_id: int
+    checkpoint: OriginalCheckpoint, text_config: PretrainedConfig, tower: VisionTower, image_token_id: int
 ) -> LlavaConfig | LlavaNextConfig:
     """The transformers config of the equivalent model: LlavaNext for anyres, Llava otherwise."""
-    patches = tower_geometry(vision_config)[1] ** 2
+    patches = tower.patches_per_side**2
     fields: dict[str, Any] = {
-        "vision_config": vision_config,
+        "vision_config": tower.config,
         "text_config": text_config,
         "image_token_index": image_token_id,
         "projector_hidden_act": "gelu",
@@ -167,16 +167,6 @@ def llava_config(
     if checkpoint.anyres:
         return LlavaNextConfig(**fields, image_grid_pinpoints=checkpoint.grid_pinpoints_hw)
     return LlavaConfig(**fields)
-
-
-def tower_geometry(vision_config: CLIPVisionConfig) -> tuple[int, int]:
-    """The tower's input side in pixels and its number of patches per side."""
-    image_size, patch_size = vision_config.image_size, vision_config.patch_size
-    if not isinstance(image_size, int) or not isinstance(patch_size, int):
-        raise StartupError(
-            f"the vision tower has image_size {image_size!r} and patch_size {patch_size!r}; CLIP has ints"
-        )
-    return image_size, image_size // patch_size
 
 
 def _layout_of(directory: Path) -> Layout:

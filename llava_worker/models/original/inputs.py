@@ -8,18 +8,14 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, PreTrainedTokenizerBase
+from transformers import CLIPImageProcessorPil, PreTrainedTokenizerBase
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from llava_worker.models.chat_template import LLAVA_V1_CHAT_TEMPLATE
 from llava_worker.models.images import pad_to_square
-from llava_worker.models.original.checkpoint import (
-    IMAGE_END_TOKEN,
-    IMAGE_START_TOKEN,
-    OriginalCheckpoint,
-    tower_geometry,
-)
+from llava_worker.models.original.checkpoint import IMAGE_END_TOKEN, IMAGE_START_TOKEN, OriginalCheckpoint
+from llava_worker.models.original.towers import VisionTower
 
 IMAGE_TOKEN = "<image>"
 
@@ -35,13 +31,13 @@ class OriginalProcessor:
         image_processor: CLIPImageProcessorPil,
         checkpoint: OriginalCheckpoint,
         image_token_id: int,
-        vision_config: CLIPVisionConfig,
+        tower: VisionTower,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.checkpoint = checkpoint
         self.image_token_id = image_token_id
-        self.tower_size, self.patches_per_side = tower_geometry(vision_config)
+        self.tower_size, self.patches_per_side = tower.crop_size, tower.patches_per_side
         # The original's checkpoints carry no chat template; LLaVA's v1 conversation is what its UI sends.
         self.chat_template: str = getattr(tokenizer, "chat_template", None) or LLAVA_V1_CHAT_TEMPLATE
 

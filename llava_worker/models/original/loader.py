@@ -19,8 +19,6 @@ from transformers import (
     AutoConfig,
     AutoTokenizer,
     CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    CLIPVisionModel,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     PretrainedConfig,
@@ -31,7 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from llava_worker.config import WorkerConfig
 from llava_worker.errors import StartupError, plural
-from llava_worker.models.files import local_directory, looks_local, one_line, read_weights
+from llava_worker.models.files import local_directory, one_line, read_weights
 from llava_worker.models.original.checkpoint import (
     Layout,
     OriginalCheckpoint,
@@ -41,6 +39,7 @@ from llava_worker.models.original.checkpoint import (
     llava_config,
 )
 from llava_worker.models.original.inputs import OriginalProcessor
+from llava_worker.models.original.towers import VisionTower, describe_tower, interpolate_positions_in_float32
 from llava_worker.models.original.weights import (
     as_transformers_projector,
     merge_lora,
@@ -63,6 +62,7 @@ class OriginalPlan:
     base_directory: Path | None
     checkpoint: OriginalCheckpoint | None
     """None for a plain LoRA over a language model."""
+    tower: VisionTower | None = None
     image_processor: CLIPImageProcessorPil | None = None
 
     @property
@@ -100,8 +100,8 @@ class OriginalPlan:
             raise StartupError(f"{self.directory.name}: no mm_projector weights were found")
         if checkpoint.anyres and "model.image_newline" not in state:
             raise StartupError(f"{self.directory.name}: an anyres checkpoint without model.image_newline")
-        vision_config = self.model_config.vision_config
-        state.update(_tower_weights(checkpoint, vision_config, shipped_tower))
+        assert self.tower is not None and self.image_processor is not None
+        state.update(self.tower.weights(shipped_tower))
 
         transformers_projector = (
             as_transformers_projector(projector) if checkpoint.projector_type == "mlp2x_gelu" else None
@@ -113,15 +113,16 @@ class OriginalPlan:
         model = _from_state_dict(model_class, self.model_config, state, load_kwargs)
         if transformers_projector is None:
             _replace_projector(model, checkpoint, projector)
+        if self.tower.kind == "internvit":
+            interpolate_positions_in_float32(model.model.vision_tower)
         image_token_id = int(self.model_config.image_token_id)
         _make_room_for_image_token(model, image_token_id)
-        assert self.image_processor is not None
         processor = OriginalProcessor(
             tokenizer=self.tokenizer,
             image_processor=self.image_processor,
             checkpoint=checkpoint,
             image_token_id=image_token_id,
-            vision_config=vision_config,
+            tower=self.tower,
         )
         return model, processor
 
@@ -168,23 +169,18 @@ def plan_original_load(config: WorkerConfig, directory: Path, raw: dict[str, Any
             f"{name}: the tokenizer has {len(tokenizer)} tokens (with {', '.join(checkpoint.added_tokens) or 'none'} "
             f"added, as mm_use_im_patch_token / mm_use_im_start_end ask) but the model only {vocab_size}"
         )
-    vision_config = _vision_config(checkpoint.vision_tower)
-    mm_hidden_size = raw.get("mm_hidden_size", vision_config.hidden_size)
-    if mm_hidden_size != vision_config.hidden_size:
-        raise StartupError(
-            f"{name}: mm_hidden_size = {mm_hidden_size}, but the vision tower {checkpoint.vision_tower} has "
-            f"hidden size {vision_config.hidden_size}"
-        )
+    tower = _tower_for(checkpoint, raw)
     # The original splices image features in at id -200, never embedded; an id just past the
     # vocabulary plays that part without changing any logit.
-    model_config = llava_config(checkpoint, text_config, vision_config, image_token_id=vocab_size)
+    model_config = llava_config(checkpoint, text_config, tower, image_token_id=vocab_size)
     logger.info(
-        "%s is an original LLaVA checkpoint (%s, %s, %s projector, images: %s); vision tower %s%s",
+        "%s is an original LLaVA checkpoint (%s, %s, %s projector, images: %s); %s tower %s%s",
         name,
         checkpoint.layout.value,
         checkpoint.language,
         checkpoint.projector_type,
         "anyres" if checkpoint.anyres else "pad" if checkpoint.pads_to_square else "resize and crop",
+        "InternViT-6B" if tower.kind == "internvit" else "CLIP",
         checkpoint.vision_tower,
         " with the checkpoint's own tower weights" if checkpoint.ships_vision_tower else "",
     )
@@ -194,8 +190,24 @@ def plan_original_load(config: WorkerConfig, directory: Path, raw: dict[str, Any
         directory=directory,
         base_directory=base,
         checkpoint=checkpoint,
-        image_processor=_image_processor(checkpoint.vision_tower),
+        tower=tower,
+        image_processor=tower.image_processor(),
     )
+
+
+def _tower_for(checkpoint: OriginalCheckpoint, raw: dict[str, Any]) -> VisionTower:
+    """The checkpoint's vision tower, checked against what the checkpoint says of it."""
+    name = checkpoint.directory.name
+    tower = describe_tower(checkpoint.vision_tower)
+    mm_hidden_size = raw.get("mm_hidden_size", tower.hidden_size)
+    if mm_hidden_size != tower.hidden_size:
+        raise StartupError(
+            f"{name}: mm_hidden_size = {mm_hidden_size}, but the vision tower {checkpoint.vision_tower} has "
+            f"hidden size {tower.hidden_size}"
+        )
+    if tower.kind == "internvit" and checkpoint.anyres:
+        raise StartupError(f"{name}: image_aspect_ratio 'anyres' with an InternViT-6B tower cannot be served")
+    return tower
 
 
 def _tokenizer(directory: Path, model_config: PretrainedConfig | None = None) -> PreTrainedTokenizerBase:
@@ -214,63 +226,6 @@ def _auto_config(directory: Path, flag: str) -> PretrainedConfig:
     except (OSError, ValueError) as exc:
         raise StartupError(f"{flag} {directory}: {one_line(exc)}") from exc
     return config
-
-
-def _check_tower_path(tower: str) -> None:
-    if looks_local(tower) and not Path(tower).expanduser().is_dir():
-        raise StartupError(
-            f"the vision tower {tower} does not exist (mm_vision_tower in config.json; "
-            "point --vision-tower at a local copy)"
-        )
-
-
-def _vision_config(tower: str) -> CLIPVisionConfig:
-    _check_tower_path(tower)
-    try:
-        config = AutoConfig.from_pretrained(tower)
-    except Exception as exc:  # hub and parsing errors come in many types; all mean "unusable tower"
-        raise StartupError(
-            f"the vision tower {tower} cannot be loaded (mm_vision_tower in config.json; without network, "
-            f"point --vision-tower at a local copy): {one_line(exc)}"
-        ) from exc
-    # openai's towers are whole CLIP models; only their vision half is used.
-    vision = config.vision_config if config.model_type == "clip" else config
-    if not isinstance(vision, CLIPVisionConfig):
-        raise StartupError(
-            f"the vision tower {tower} is a {config.model_type!r} model; original LLaVA checkpoints use CLIP"
-        )
-    return vision
-
-
-def _image_processor(tower: str) -> CLIPImageProcessorPil:
-    # The PIL image processor is the one that reproduces the original's pixels exactly.
-    try:
-        processor: CLIPImageProcessorPil = CLIPImageProcessorPil.from_pretrained(tower)
-    except Exception as exc:  # as in _vision_config
-        raise StartupError(f"the vision tower {tower} has no usable image processor: {one_line(exc)}") from exc
-    return processor
-
-
-def _tower_weights(
-    checkpoint: OriginalCheckpoint, vision_config: CLIPVisionConfig, shipped: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The tower's weights under the Llava model's names: the checkpoint's own fine-tuned tower when it
-    ships one (LLaVA-1.6), else the vision half of the tower checkpoint (a full CLIP, like openai's)."""
-    with torch.device("meta"):
-        expected = set(CLIPVisionModel(vision_config).state_dict())
-    weights: dict[str, torch.Tensor] = {}
-    if not expected <= set(shipped):
-        tower_files = read_weights(local_directory(checkpoint.vision_tower, "the vision tower"))
-        # A full CLIP checkpoint names its vision half vision_model.*; a CLIPVisionModel's own save may not.
-        weights = {key.removeprefix("vision_model."): value for key, value in tower_files.items()}
-        absent = expected - set(weights)
-        if absent:
-            raise StartupError(
-                f"the vision tower {checkpoint.vision_tower} lacks {plural(len(absent), 'CLIP weight')}, "
-                f"e.g. {min(absent)}"
-            )
-    weights.update(shipped)
-    return {f"model.vision_tower.{key}": value for key, value in weights.items() if key in expected}
 
 
 def _from_state_dict(
