@@ -4,26 +4,23 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-#: What a tokenizer decodes an incomplete multi-byte character to.
-_REPLACEMENT_CHAR = "\ufffd"
+from llava_worker.engine.decoders import decoder_for
 
 
 class TextAccumulator:
     """Collects generated token ids and keeps the text a client may see.
 
-    The visible text only ever grows: it holds back an incomplete UTF-8 character and any tail
-    that could still become a stop string, and it ends just before the first stop string, so a stop
-    string never reaches the client even when it ends inside a token.
+    The visible text only ever grows and is always a prefix of the final text: it holds only text
+    the decoder has settled (an unfinished character waits for the tokens that finish it), holds
+    back any tail that could still become a stop string, and ends just before the first stop string,
+    so a stop string never reaches the client even when it ends inside a token.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
-        self._tokenizer = tokenizer
+        self._decoder = decoder_for(tokenizer)
+        self._stream = self._decoder.stream()
         self._stop = tuple(s for s in stop if s)
         self._ids: list[int] = []
-        # Decoding only a short window of recent tokens, with a little context before it, keeps
-        # each step cheap while merging pieces (e.g. leading spaces) the same way a full decode does.
-        self._prefix_offset = 0
-        self._read_offset = 0
         self._text = ""
         self.stopped = False
         """True once a stop string has appeared; no more tokens are taken after that."""
@@ -37,14 +34,10 @@ class TextAccumulator:
         """Appends newly generated tokens; ignored once a stop string was hit."""
         if self.stopped:
             return
-        self._ids.extend(token_ids)
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        window = self._decode(self._ids[self._prefix_offset :])
-        if len(window) <= len(prefix) or window.endswith(_REPLACEMENT_CHAR):
-            return  # nothing printable yet (an unfinished character, or a token that adds no text)
         previous_length = len(self._text)
-        self._text += window[len(prefix) :]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        for token_id in token_ids:
+            self._ids.append(token_id)
+            self._text += self._stream.push(token_id)
         self._cut_at_stop(previous_length)
 
     def visible_text(self) -> str:
@@ -55,18 +48,12 @@ class TextAccumulator:
         return self._text[: len(self._text) - hold]
 
     def final_text(self) -> str:
-        """The whole answer once generation is over.
-
-        A full decode settles anything the windowed decode could not (an unfinished character at
-        the very end); it is used only when it extends what was already shown, so text never shrinks.
-        """
-        if self.stopped:
-            return self._text
-        full = self._decode(self._ids)
-        candidate = full if full.startswith(self._text) else self._text
-        previous_length = len(self._text)
-        self._text = candidate
-        self._cut_at_stop(previous_length)
+        """The whole answer once generation is over: a full decode of every generated token, cut at
+        the first stop string. It extends what was shown, since only settled text was shown; after
+        a stop string it is the text before it, which is all settled already."""
+        if not self.stopped:
+            self._text = self._decoder.decode(self._ids)
+            self._cut_at_stop(0)
         return self._text
 
     def _cut_at_stop(self, previous_length: int) -> None:
@@ -77,11 +64,6 @@ class TextAccumulator:
         if hits:
             self._text = self._text[: min(hits)]
             self.stopped = True
-
-    def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def _overlap(text: str, stop: str) -> int:

@@ -23,7 +23,7 @@ from llava_worker.models.images import ImageLimits
 from llava_worker.models.inputs import prepare_inputs
 from llava_worker.models.loader import load_model
 from tests.support.internvit_reference import CONTRAST_IMAGE, CONTRAST_PROMPT, CONTRAST_TOKENS
-from tests.support.original_reference import reference_generate, reference_tokenizer
+from tests.support.original_reference import reference_generate, reference_text
 from tests.support.payloads import encode_image, greedy
 from tests.support.servers import StreamingClient, wait_until
 
@@ -48,7 +48,7 @@ def _decoded(data: str) -> Image.Image:
 def _expected(checkpoint: Path, prompt: str, images: list[str], tokens: int, **kw: Any) -> str:
     """prompt + the reference's greedy continuation, as the worker streams it."""
     ids = reference_generate(checkpoint, prompt, [_decoded(i) for i in images], tokens, **kw)
-    return prompt + str(reference_tokenizer(checkpoint).decode(ids, skip_special_tokens=True))
+    return prompt + reference_text(checkpoint, ids)
 
 
 @pytest.mark.parametrize("name", list(CHATS))

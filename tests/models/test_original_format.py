@@ -21,7 +21,7 @@ from llava_worker.models.chat_template import LLAVA_SYSTEM_MESSAGE
 from llava_worker.models.images import ImageLimits
 from llava_worker.models.inputs import prepare_inputs
 from llava_worker.models.loader import load_model
-from tests.support.original_reference import reference_generate, reference_tokenizer
+from tests.support.original_reference import reference_generate, reference_text
 from tests.support.payloads import encode_image, greedy
 from tests.support.servers import StreamingClient, wait_until
 
@@ -58,8 +58,7 @@ def _expected(checkpoints: dict[str, Path], name: str, prompt: str, images: list
     base, tower = settings.get("model_base"), settings.get("vision_tower")
     decoded = [_decoded(i) for i in images]
     ids = reference_generate(checkpoints[name], prompt, decoded, tokens, model_base=base, vision_tower=tower, **kw)
-    tokenizer = reference_tokenizer(checkpoints[name], base)
-    return prompt + str(tokenizer.decode(ids, skip_special_tokens=True))
+    return prompt + reference_text(checkpoints[name], ids, base)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -188,6 +189,17 @@ def reference_tokenizer(checkpoint: Path, model_base: Path | None = None) -> Pre
         tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
     assert isinstance(tokenizer, PreTrainedTokenizerBase)
     return tokenizer
+
+
+def reference_text(checkpoint: Path, token_ids: list[int], model_base: Path | None = None) -> str:
+    """The text the original worker streams for ``token_ids``: its slow LlamaTokenizer's decode with
+    special tokens skipped, which is SentencePiece's own decode of the remaining pieces (byte-fallback
+    runs, the dummy-prefix space and all), not transformers 5's re-implementation of it."""
+    tokenizer = reference_tokenizer(checkpoint, model_base)
+    source = Path(model_base) if model_base is not None and _layout(Path(checkpoint)) != "full" else Path(checkpoint)
+    processor = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    special = set(tokenizer.all_special_ids) | set(range(processor.get_piece_size(), len(tokenizer)))
+    return str(processor.decode([token for token in token_ids if token not in special]))
 
 
 def tokenizer_image_token(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,66 +1,15 @@
-"""Unit tests of the pure parts: text accumulation with stop strings, the admission gate, the wire codec."""
+"""Unit tests of the pure parts: the admission gate, the wire codec (text accumulation: test_detokenizer.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 
 import pytest
 
 from llava_worker.admission import AdmissionGate
-from llava_worker.engine.detokenizer import TextAccumulator
 from llava_worker.errors import InvalidRequestError
 from llava_worker.protocol import encode_chunk, parse_generate_params, worker_status
-from llava_worker.testing.tiny import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-def _feed(accumulator: TextAccumulator, ids: list[int]) -> list[str]:
-    seen = []
-    for token in ids:
-        accumulator.add([token])
-        seen.append(accumulator.visible_text())
-    return seen
-
-
-def test_accumulated_text_equals_a_full_decode(tokenizer):
-    ids = tokenizer("The little boat sails across the sea at night.", add_special_tokens=False)["input_ids"]
-    accumulator = TextAccumulator(tokenizer)
-    seen = _feed(accumulator, ids)
-    assert accumulator.final_text() == tokenizer.decode(ids)
-    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen))
-
-
-def test_incomplete_utf8_is_held_back(tokenizer):
-    ids = tokenizer("café ☕ ok", add_special_tokens=False)["input_ids"]
-    accumulator = TextAccumulator(tokenizer)
-    seen = _feed(accumulator, ids)
-    assert all("\ufffd" not in text for text in seen)
-    assert accumulator.final_text() == "café ☕ ok"
-
-
-@pytest.mark.parametrize("stop", ["sea", "oat sa", "t.", "boat sails across"])
-def test_stop_string_is_cut_and_never_shown(tokenizer, stop):
-    text = "The little boat sails across the sea at night. More after."
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    accumulator = TextAccumulator(tokenizer, (stop, "never-there"))
-    seen = _feed(accumulator, ids)
-    assert accumulator.stopped
-    assert accumulator.final_text() == text[: text.find(stop)]
-    assert all(stop not in shown for shown in seen)
-    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen))
-
-
-def test_a_partial_stop_string_is_released_when_it_does_not_complete(tokenizer):
-    accumulator = TextAccumulator(tokenizer, ("sea monster",))
-    _feed(accumulator, tokenizer("across the sea at", add_special_tokens=False)["input_ids"])
-    assert not accumulator.stopped
-    assert accumulator.final_text() == "across the sea at"
 
 
 def test_gate_admits_in_arrival_order_and_counts():
