@@ -121,6 +121,10 @@ class ControllerLink:
             response.raise_for_status()
             answer = response.json()
         except Exception as exc:
+            if _being_cancelled():
+                # A connect attempt can turn stop()'s cancellation into an ExceptionGroup of connect
+                # errors; swallowing it would leave this task retrying forever and stop() waiting on it.
+                raise asyncio.CancelledError() from exc
             # Not only httpx.HTTPError: a malformed address raises httpx.InvalidURL or an ExceptionGroup,
             # which would end the link for good (and resurface from stop()); keep retrying instead.
             if self._reachable is not False:
@@ -132,3 +136,8 @@ class ControllerLink:
         self._reachable = True
         # `register_worker` answers JSON null; report success as an empty dict.
         return {} if answer is None else answer
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -23,7 +23,7 @@ from llava_worker.models.inputs import prepare_inputs
 from llava_worker.models.loader import load_model
 from tests.support.original_reference import reference_generate, reference_text
 from tests.support.payloads import encode_image, greedy
-from tests.support.servers import StreamingClient, wait_until
+from tests.support.servers import stream_together, wait_until
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\nand <image>\nCompare the two pictures. ASSISTANT:"
@@ -99,11 +99,7 @@ def test_original_checkpoints_batch_like_any_other(start_worker, checkpoints):
         (TWO_IMAGES, [encode_image(13, (64, 64)), encode_image(14, (20, 60))], 60),
         (TEXT_ONLY, [], 50),
     ]
-    clients = [StreamingClient(worker.url, greedy(p, i or None, max_new_tokens=n)) for p, i, n in cases]
-    for client in clients:
-        client.start()
-    for client in clients:
-        client.join(timeout=120)
+    clients = stream_together(worker.url, [greedy(p, i or None, max_new_tokens=n) for p, i, n in cases])
     for client, (prompt, images, tokens) in zip(clients, cases, strict=True):
         assert client.chunks[-1]["text"] == _expected(checkpoints, name, prompt, images, tokens), prompt
     assert worker.worker.engine.peak_batch >= 2, "the requests should have decoded together"

@@ -78,6 +78,11 @@ class RunningWorker:
         self._server.should_exit = True
         self._thread.join(timeout=20)
 
+    @property
+    def running(self) -> bool:
+        """Whether the server thread is still alive (after stop(): it did not shut down in time)."""
+        return self._thread.is_alive()
+
     def generate(self, payload: dict[str, Any], timeout: float = 60) -> list[dict[str, Any]]:
         """Posts a request and returns every chunk of the answer, decoded."""
         return stream_chunks(self.url, payload, timeout)
@@ -176,3 +181,13 @@ class StreamingClient(threading.Thread):
                 if self.hang_up.is_set():
                     break
         # Leaving the `with` closes the connection: the worker sees a disconnect.
+
+
+def stream_together(base_url: str, payloads: list[dict[str, Any]], timeout: float = 120) -> list[StreamingClient]:
+    """One streaming client per payload, all started at once and each waited for (bounded)."""
+    clients = [StreamingClient(base_url, payload) for payload in payloads]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(timeout=timeout)
+    return clients

@@ -324,6 +324,7 @@ def test_a_malformed_controller_address_never_ends_the_link(start_worker, caplog
         time.sleep(1.0)  # several more attempts, each failing the same way
         assert_served(worker.generate(payload()), TEXT_PROMPT)
         worker.stop()  # the lifespan stops the link: nothing may resurface from it
+        assert not worker.running, "the worker did not shut down: its controller link would not stop"
     finally:
         logging.getLogger("uvicorn.error").removeHandler(uvicorn_errors)
     assert [r.getMessage() for r in uvicorn_errors.records if r.levelno >= logging.ERROR] == []
