@@ -16,6 +16,9 @@ DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_CONTEXT_LENGTH = 2048
 
 
+#: The image file formats decoded by default (Pillow's names): what browsers, phones and OpenAI's API use.
+DEFAULT_IMAGE_FORMATS = "PNG,JPEG,WEBP,GIF,BMP"
+
 #: The devices `--device` accepts.
 Device = Literal["cuda", "cpu", "mps"]
 
@@ -89,6 +92,10 @@ class WorkerConfig:
     """Largest image file in bytes, after base64 decoding."""
     max_image_pixels: int = 40_000_000
     """Most pixels (width × height) in one image, checked from its header before it is decoded."""
+    image_formats: str = DEFAULT_IMAGE_FORMATS
+    """Image file formats the worker decodes, comma-separated, as Pillow names them (e.g. `PNG,JPEG,TIFF`).
+    Other files are refused before any decoder reads them, which keeps Pillow's rarely used decoders (and
+    the Ghostscript that EPS runs) out of reach of requests."""
     max_prompt_tokens: int | None = None
     """Longest prompt in tokens, image tokens included; by default only the model's context length bounds
     it."""
@@ -96,6 +103,9 @@ class WorkerConfig:
     """Let `/v1/chat/completions` fetch `http(s)` image URLs; without it only `data:` URLs are accepted."""
     remote_image_timeout: float = 10.0
     """Seconds one remote image may take to arrive in full."""
+    serve_api_docs: bool = False
+    """Serve FastAPI's interactive API docs and schema (`/docs`, `/redoc`, `/openapi.json`); off by default,
+    so an exposed worker does not describe itself to strangers."""
 
     @property
     def served_model_name(self) -> str:
@@ -103,6 +113,16 @@ class WorkerConfig:
         if self.model_name:
             return self.model_name
         return model_name_from_path(self.model_path)
+
+    @property
+    def image_format_names(self) -> tuple[str, ...]:
+        """`--image-formats` as a list of Pillow's format names: `("PNG", "JPEG")`."""
+        return parse_image_formats(self.image_formats)
+
+
+def parse_image_formats(formats: str) -> tuple[str, ...]:
+    """Comma-separated format names, upper-cased as Pillow spells them, blanks dropped."""
+    return tuple(dict.fromkeys(name.strip().upper() for name in formats.split(",") if name.strip()))
 
 
 def model_name_from_path(model_path: str) -> str:
@@ -148,3 +168,20 @@ def validate_config(config: WorkerConfig) -> None:
             raise StartupError(f"{flag} must be positive, not {value}")
     if config.shutdown_grace < 0:
         raise StartupError(f"--shutdown-grace must not be negative, not {config.shutdown_grace}")
+    _check_image_formats(config.image_format_names)
+
+
+def _check_image_formats(names: tuple[str, ...]) -> None:
+    """Refuses an `--image-formats` list that is empty or names a format Pillow cannot read."""
+    if not names:
+        raise StartupError("--image-formats names no format; give at least one, e.g. PNG,JPEG")
+    # Imported here: the command line answers --help and flag errors without loading image libraries.
+    from PIL import Image
+
+    Image.init()  # registers every decoder Pillow has, so the check knows them all
+    for name in names:
+        if name not in Image.OPEN:
+            raise StartupError(
+                f"--image-formats: {name!r} is not an image format the worker can read; "
+                f"Pillow reads {', '.join(sorted(Image.OPEN))}"
+            )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +22,14 @@ CHUNK_DELIMITER = b"\0"
 GREEDY_TEMPERATURE = 1e-3
 #: Highest temperature accepted; beyond it sampling is noise.
 MAX_TEMPERATURE = 10.0
+#: Deepest nesting of arrays and objects in a request body (its own object is level 1). Real requests
+#: need six at most (an OpenAI image part); the bound keeps hostile bodies from exhausting the parser's
+#: recursion.
+MAX_JSON_DEPTH = 64
+#: Most JSON values (every array item and object member, and the body itself) in a request body. Real
+#: requests hold a few hundred; json.loads holds the GIL throughout, so this bounds how long parsing can
+#: stall every other thread, the event loop's included (a million empty arrays take about 0.3 s).
+MAX_JSON_VALUES = 1_000_000
 
 
 class _GenerateRequestBody(BaseModel):
@@ -101,14 +112,130 @@ def parse_generate_params(body: bytes, max_images: int | None = None) -> Generat
 
 
 def json_object(body: bytes) -> dict[str, Any]:
-    """A request body decoded as a JSON object; raises InvalidJSONError or InvalidRequestError."""
+    """A request body decoded as a JSON object; raises InvalidJSONError or InvalidRequestError.
+
+    Its depth and size are bounded from the bytes before it is parsed, and text that is not valid
+    Unicode (a lone surrogate) is refused here, before it can reach a tokenizer.
+    """
+    encoding = json.detect_encoding(body)
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Strict, unlike json.loads, which lets UTF-8-encoded surrogates through.
+        text = body.decode(encoding)
+    except UnicodeDecodeError as exc:
         raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
+    # The scan reads bytes as ASCII, so a UTF-16 or UTF-32 body is scanned as UTF-8.
+    _check_structure(body if encoding.startswith("utf-8") else text.encode())
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidJSONError(f"request body is not valid JSON: {exc}") from None
+    except ValueError:
+        # The only other ValueError of json.loads: an integer longer than Python converts.
+        digits = sys.get_int_max_str_digits()
+        raise InvalidJSONError(f"request body has an integer longer than the {digits} digits accepted") from None
     if not isinstance(raw, dict):
         raise InvalidRequestError(f"request body must be a JSON object, not {type(raw).__name__}")
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(raw)
     return raw
+
+
+# Bounding a body before parsing it: a scan of its bytes that costs a few passes of C over them.
+
+#: Every byte but the ones that make the structure of a JSON text (and its string quotes).
+_NOT_STRUCTURE = bytes(byte for byte in range(256) if byte not in b'"[]{},')
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+#: A string, once its escapes are gone and only structural bytes are left of its contents.
+_STRING = re.compile(rb'"[^"]*+"')
+#: Strings are cut out in windows of this size, so no single call holds the GIL for long.
+_SCAN_WINDOW = 1 << 20
+#: A `\u` escape of a surrogate: only then can a decoded string hold a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_structure(body: bytes) -> None:
+    """Refuses a body nested more deeply than MAX_JSON_DEPTH or holding more than MAX_JSON_VALUES values.
+
+    The depth is exact for valid JSON, the count a close bound (see _value_count); invalid JSON within
+    both is left for json.loads to describe.
+    """
+    too_many = InvalidJSONError(f"request body holds more than the {MAX_JSON_VALUES} JSON values accepted")
+    # Escaped backslashes and quotes first (left to right, as a parser reads them), so every quote
+    # left opens or closes a string.
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Every string is a value or a key, and no object has more keys than values: far more strings
+    # than values accepted is refused before the costlier pass that cuts strings out.
+    if unescaped.count(b'"') > 4 * MAX_JSON_VALUES + 2:
+        raise too_many
+    structure = _strip_strings(unescaped.translate(None, _NOT_STRUCTURE))
+    if _value_count(structure) > MAX_JSON_VALUES:
+        raise too_many
+    if _nesting_exceeds(structure.translate(_AS_SQUARE, b","), MAX_JSON_DEPTH):
+        raise InvalidJSONError(f"request body is nested more deeply than the {MAX_JSON_DEPTH} levels accepted")
+
+
+def _value_count(structure: bytes) -> int:
+    """How many values `structure` (brackets and commas only) holds: the body, and every array item and
+    object member, which is one more than the commas in each array and object. Numbers and literals
+    are gone by now, so an empty array or object counts as holding one value: a bound, exact otherwise."""
+    return 1 + structure.count(b",") + structure.count(b"[") + structure.count(b"{")
+
+
+def _strip_strings(structure: bytes) -> bytes:
+    """`structure` (quotes, brackets and commas only) without what lies inside its strings."""
+    # Two quotes side by side are a string with no structure inside, or the end of one string and
+    # the start of the next: removing them keeps every other quote's meaning.
+    structure = structure.replace(b'""', b"")
+    if structure.count(b'"') % 2:
+        structure = structure[: structure.rfind(b'"')]  # an unterminated string: json.loads reports it
+    pieces, start = [], 0
+    while start < len(structure):
+        end = min(start + _SCAN_WINDOW, len(structure))
+        if structure.count(b'"', start, end) % 2:
+            end = structure.index(b'"', end) + 1  # never cut a string in two
+        pieces.append(_STRING.sub(b"", structure[start:end]))
+        start = end
+    return b"".join(pieces)
+
+
+def _nesting_exceeds(brackets: bytes, limit: int) -> bool:
+    """Whether `brackets` (only `[` and `]`) nest deeper than `limit`: each pass removes one level."""
+    depth = 0
+    while brackets and depth <= limit:
+        inner = brackets.replace(b"[]", b"")
+        if len(inner) == len(brackets):
+            break
+        brackets, depth = inner, depth + 1
+    # What is left is unmatched (invalid JSON); its openers still nest whatever follows them.
+    return depth + brackets.count(b"[") > limit
+
+
+def _refuse_lone_surrogates(raw: dict[str, Any]) -> None:
+    """Raises InvalidJSONError naming the first string of `raw` that holds a lone surrogate.
+
+    JSON's `\\ud800` escape can make one, Unicode text cannot hold one, and tokenizers fail on it.
+    """
+    for text, where in _strings(raw, ""):
+        found = _SURROGATE.search(text)
+        if found is not None:
+            raise InvalidJSONError(
+                f"request body has a lone surrogate (U+{ord(found.group()):04X}) at character index "
+                f"{found.start()} of {where}; text must be valid Unicode"
+            )
+
+
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every string in `value`, with where it is: `'messages.0.content'`, or `a key in 'messages.0'`."""
+    if isinstance(value, str):
+        yield value, f"'{path}'"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key, f"a key in '{path}'" if path else "a key"
+            yield from _strings(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{path}.{index}")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -68,7 +68,7 @@ class ModelWorker:
         # The gate lets at most `limit` requests into the engine, so they all decode in one batch.
         self.engine = Engine(loaded, max_batch=config.limit_model_concurrency)
         self.metrics = WorkerMetrics(self.get_queue_length, lambda: self.gate.running)
-        self.image_limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+        self.image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels, config.image_format_names)
         self.draining = False
         self.controller: ControllerLink | None = None
         if not config.no_register:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llava_worker.errors import InvalidRequestError, ShuttingDownError, outcome_of
-from llava_worker.http.body import read_body
+from llava_worker.http.body import parse_body, read_body
 from llava_worker.http.disconnects import ClientDisconnected, gone_response, while_connected
 from llava_worker.http.failures import (
     count_token_refusal,
@@ -39,7 +40,15 @@ def create_app(worker: ModelWorker) -> FastAPI:
         finally:
             await worker.stop()
 
-    app = FastAPI(title="llava-worker", lifespan=lifespan)
+    # The interactive docs and the schema would only show strangers what to send: off unless asked for.
+    docs = worker.config.serve_api_docs
+    app = FastAPI(
+        title="llava-worker",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.worker = worker
     app.include_router(_generate_router(worker))
     app.include_router(_fastchat_router(worker))
@@ -54,7 +63,7 @@ async def _parse(request: Request, worker: ModelWorker) -> GenerateParams:
         if worker.draining:
             raise ShuttingDownError()
         body = await read_body(request, worker.config.max_request_bytes)
-        return parse_generate_params(body, max_images=worker.config.max_images)
+        return await parse_body(body, partial(parse_generate_params, max_images=worker.config.max_images))
     except (InvalidRequestError, ShuttingDownError) as exc:
         worker.metrics.count(outcome_of(exc))
         raise
@@ -101,7 +110,8 @@ def _fastchat_router(worker: ModelWorker) -> APIRouter:
     @router.post("/count_token")
     async def count_token(request: Request) -> JSONResponse:
         try:
-            prompt = json_object(await request.body()).get("prompt")
+            body = await read_body(request, worker.config.max_request_bytes)
+            prompt = (await parse_body(body, json_object)).get("prompt")
             if not isinstance(prompt, str):
                 raise InvalidRequestError("invalid request: 'prompt' must be a string")
         except InvalidRequestError as exc:

@@ -1,12 +1,22 @@
-"""Reads a body (a request's, or a fetched image's), refusing it as soon as it is known to be too large."""
+"""Reads a body (a request's, or a fetched image's), refusing it as soon as it is known to be too large,
+and parses a request body without stalling the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from fastapi import Request
 
 from llava_worker.errors import InvalidRequestError
+
+T = TypeVar("T")
+
+#: Bodies larger than this are parsed on a thread, so the event loop keeps answering (probes, other
+#: streams) meanwhile. A smaller body parses on the loop in at most about 20 ms, however hostile; a
+#: typical one, in far less than the 0.1 ms that handing it to a thread costs.
+PARSE_OFF_LOOP_BYTES = 256 * 1024
 
 
 async def read_limited(
@@ -31,3 +41,10 @@ async def read_body(request: Request, limit: int) -> bytes:
         limit,
         lambda size: InvalidRequestError(f"request body {size}is larger than the {limit} bytes accepted"),
     )
+
+
+async def parse_body(body: bytes, parse: Callable[[bytes], T]) -> T:
+    """`parse(body)`, on a thread when the body is large."""
+    if len(body) <= PARSE_OFF_LOOP_BYTES:
+        return parse(body)
+    return await asyncio.to_thread(parse, body)

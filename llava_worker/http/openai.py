@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llava_worker.chunks import KEEPALIVE, StreamChunk
 from llava_worker.errors import InvalidRequestError, ShuttingDownError, outcome_of
-from llava_worker.http.body import read_body
+from llava_worker.http.body import parse_body, read_body
 from llava_worker.http.disconnects import ClientDisconnected, gone_response, while_connected
 from llava_worker.http.failures import new_request_id, openai_error, openai_error_response
 from llava_worker.http.openai_requests import (
@@ -180,7 +180,7 @@ async def _chat_completion(request: Request, worker: ModelWorker) -> Response:
     try:
         if worker.draining:
             raise ShuttingDownError()
-        chat = parse_chat_request(await read_body(request, worker.config.max_request_bytes))
+        chat = await parse_body(await read_body(request, worker.config.max_request_bytes), parse_chat_request)
         if chat.model != worker.model_name:
             raise _model_not_found(chat.model, worker.model_name)
         params = await _params_of(chat, worker)

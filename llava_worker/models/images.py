@@ -1,4 +1,4 @@
-"""Decodes the images of a request (base64, optionally as `data:` URLs) into RGB PIL images."""
+"""Decodes the images of a request (base64, optionally as `data:` URLs) into upright RGB PIL images."""
 
 from __future__ import annotations
 
@@ -8,40 +8,35 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from llava_worker.config import DEFAULT_IMAGE_FORMATS, parse_image_formats
 from llava_worker.errors import ImageError
 
 # The worker enforces its own pixel limit (ImageLimits) before decoding; PIL's warning would only repeat it.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# Pillow skips what it cannot read of a corrupt EXIF block (reading the orientation) and warns; one
+# warning per such request would only fill the log with what the sender got wrong.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What one image may weigh; both are checked before the image is decoded."""
+    """What one image may weigh and be; all are checked before the image is decoded."""
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = parse_image_formats(DEFAULT_IMAGE_FORMATS)
+    """Pillow's names of the file formats decoded; no other decoder ever reads a request's bytes."""
 
 
 def decode_image(encoded: str, index: int, limits: ImageLimits) -> Image.Image:
-    """One image from its base64 text; `index` (0-based) names it in errors."""
+    """One image from its base64 text, turned upright as its EXIF orientation says; `index` (0-based)
+    names it in errors."""
     label = f"image {index + 1}"
-    payload = encoded.strip()
-    if payload.startswith("data:"):
-        header, sep, payload = payload.partition(",")
-        if not sep or ";base64" not in header:
-            raise ImageError(f"{label} is a data URL that is not base64-encoded")
-    if len(payload) * 3 // 4 > limits.max_bytes:
-        raise ImageError(f"{label} is larger than the {limits.max_bytes} bytes accepted")
+    raw = _file_bytes(encoded, label, limits)
     try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError(f"{label} is not valid base64") from None
-    if not raw:
-        raise ImageError(f"{label} is empty")
-    try:
-        with Image.open(io.BytesIO(raw)) as opened:
+        with Image.open(io.BytesIO(raw), formats=limits.formats) as opened:
             # open() has read only the header: a decompression bomb is refused before it is decoded.
             width, height = opened.size
             if width * height > limits.max_pixels:
@@ -51,15 +46,61 @@ def decode_image(encoded: str, index: int, limits: ImageLimits) -> Image.Image:
                 )
             # load() decodes every pixel now, so a truncated file fails here rather than in the model.
             opened.load()
+            # Phones store a photo as the sensor saw it and say in EXIF how to turn it; the model
+            # should see it as the user does. Turns the decoded pixels, so nothing is decoded twice.
+            ImageOps.exif_transpose(opened, in_place=True)
             # The model expects three channels; palette, greyscale and alpha images are converted.
             return opened.convert("RGB")
     except Image.DecompressionBombError:
         # PIL's own guard, for sizes far beyond any sensible limit, fires already in open().
         raise ImageError(f"{label} has far more than the {limits.max_pixels} pixels accepted") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{label} is not in an image format the worker can read (JPEG, PNG, ...)") from None
+        raise ImageError(_unreadable(label, raw, limits.formats)) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{label} could not be decoded: {exc}") from None
+
+
+def _file_bytes(encoded: str, label: str, limits: ImageLimits) -> bytes:
+    """The image file inside base64 text, or inside a `data:` URL (its scheme and `;base64` in any case)."""
+    payload = encoded.strip()
+    # RFC 2397: the scheme and the `;base64` marker are case-insensitive (`DATA:image/png;BASE64,`).
+    if payload[:5].lower() == "data:":
+        header, sep, payload = payload.partition(",")
+        if not sep or ";base64" not in header.lower():
+            raise ImageError(f"{label} is a data URL that is not base64-encoded")
+    if len(payload) * 3 // 4 > limits.max_bytes:
+        raise ImageError(f"{label} is larger than the {limits.max_bytes} bytes accepted")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"{label} is not valid base64") from None
+    if not raw:
+        raise ImageError(f"{label} is empty")
+    return raw
+
+
+def _unreadable(label: str, raw: bytes, formats: tuple[str, ...]) -> str:
+    """Why no accepted decoder took `raw`: a format outside `formats`, named, or no image at all."""
+    accepted = ", ".join(formats)
+    found = _format_of(raw)
+    if found is None or found in formats:
+        return f"{label} is not in an image format the worker can read ({accepted})"
+    return f"{label} looks like a {found} file; accepted image formats: {accepted}"
+
+
+def _format_of(raw: bytes) -> str | None:
+    """The format whose signature `raw` starts with, by Pillow's signature checks alone: no decoder
+    of a refused format reads it."""
+    Image.init()
+    prefix = raw[:16]  # as much as Image.open gives the checks
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a plug-in's check that trips over a short prefix says "not me"
+            continue
+    return None
 
 
 def pad_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:

@@ -1,0 +1,269 @@
+"""Hostile inputs over real HTTP: odd JSON, odd images and undocumented routes get clear refusals."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image
+
+from llava_worker.config import WorkerConfig, validate_config
+from llava_worker.errors import ImageError, StartupError
+from llava_worker.models.images import ImageLimits, decode_image
+from llava_worker.testing.tiny import make_test_image
+from tests.support.payloads import PROMPT_1, TEXT_PROMPT, encode_image, greedy
+from tests.support.servers import RunningWorker
+
+SURROGATE_PROMPT = "USER: hi \\ud800 ASSISTANT:"  # JSON text: the escape of a lone high surrogate
+DEEP = "request body is nested more deeply than the 64 levels accepted"
+HUGE_INT = "request body has an integer longer than the 4300 digits accepted"
+SURROGATE = "request body has a lone surrogate (U+D800) at character index 9 of 'prompt'"
+
+
+def generate_body(prompt: str = '"' + TEXT_PROMPT + '"', **raw_fields: str) -> bytes:
+    """A `/worker_generate_stream` body with fields given as raw JSON text (so they can be hostile)."""
+    fields = {"prompt": prompt, "temperature": "0", "max_new_tokens": "4", **raw_fields}
+    return ("{" + ", ".join(f'"{name}": {value}' for name, value in fields.items()) + "}").encode()
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+HOSTILE_BODIES = {
+    "deep-whole-body": (nested(100_000).encode(), DEEP),
+    "deep-ignored-field": (generate_body(junk=nested(100_000)), DEEP),
+    "just-too-deep": (generate_body(junk=nested(64)), DEEP),  # 65 levels with the body's own object
+    "huge-int-ignored-field": (generate_body(junk="9" * 5000), HUGE_INT),
+    "huge-int-parameter": (generate_body(max_new_tokens="1" + "0" * 5000), HUGE_INT),
+    "lone-surrogate": (generate_body(prompt=f'"{SURROGATE_PROMPT}"'), SURROGATE),
+}
+
+
+def stream_refusal(worker: RunningWorker, body: bytes) -> tuple[int, list[dict[str, Any]]]:
+    with requests.post(worker.url + "/worker_generate_stream", data=body, stream=True, timeout=60) as r:
+        content = r.content
+    assert content.endswith(b"\0"), content[:200]  # a LLaVA stream, not a plain-text error page
+    return r.status_code, [json.loads(chunk) for chunk in content.split(b"\0") if chunk]
+
+
+def assert_serves_afterwards(worker: RunningWorker) -> None:
+    assert worker.generate(greedy(TEXT_PROMPT, max_new_tokens=4))[-1]["error_code"] == 0
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_BODIES))
+def test_hostile_json_is_refused_clearly_on_every_route(start_worker, caplog, case):
+    body, message = HOSTILE_BODIES[case]
+    worker = start_worker("text-only")
+    caplog.set_level(logging.WARNING)
+
+    status, chunks = stream_refusal(worker, body)
+    assert status == 400
+    assert len(chunks) == 1 and chunks[0]["error_code"] == 1
+    assert chunks[0]["text"].startswith(message), chunks[0]["text"]
+
+    # FastChat reads `/worker_generate` answers only with status 200.
+    answer = requests.post(worker.url + "/worker_generate", data=body, timeout=60)
+    assert answer.status_code == 200, answer.text[:200]
+    assert answer.json()["error_code"] == 1 and answer.json()["text"].startswith(message)
+
+    counted = requests.post(worker.url + "/count_token", data=body, timeout=60)
+    assert counted.headers["content-type"] == "application/json", counted.text[:200]
+    assert counted.json()["error_code"] == 1 and counted.json()["text"].startswith(message)
+
+    # A refusal the client caused: no traceback in the log.
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert_serves_afterwards(worker)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (nested(100_000).encode(), DEEP),
+        (b'{"model": "text-only", "messages": [], "junk": ' + nested(100_000).encode() + b"}", DEEP),
+        (b'{"model": "text-only", "seed": 1' + b"0" * 5000 + b', "messages": []}', HUGE_INT),
+        (
+            b'{"model": "text-only", "messages": [{"role": "user", "content": "hi \\udc00"}]}',
+            "request body has a lone surrogate (U+DC00) at character index 3 of 'messages.0.content'",
+        ),
+    ],
+    ids=["deep-whole-body", "deep-ignored-field", "huge-int", "lone-surrogate"],
+)
+def test_hostile_json_gets_an_openai_error(start_worker, caplog, body, message):
+    worker = start_worker("text-only", model_name="text-only")
+    caplog.set_level(logging.WARNING)
+    answer = requests.post(worker.url + "/v1/chat/completions", data=body, timeout=60)
+    assert answer.status_code == 400, answer.text[:200]
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(message), error
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_64_levels_of_nesting_are_accepted(start_worker):
+    worker = start_worker("text-only")
+    chunks = stream_refusal(worker, generate_body(junk=nested(63)))[1]
+    assert chunks[-1]["error_code"] == 0
+
+
+def test_a_huge_wide_body_does_not_stall_the_event_loop(start_worker):
+    worker = start_worker("text-only")
+    # 30 MB of empty arrays in a field the worker ignores: cheap to send, costly to parse.
+    body = generate_body(junk="[" + "[]," * 10_000_000 + "[]]")
+    answers: list[requests.Response] = []
+    sender = threading.Thread(
+        target=lambda: answers.append(requests.post(worker.url + "/worker_generate", data=body, timeout=120))
+    )
+    sender.start()
+    slowest = 0.0
+    polls = 0
+    while sender.is_alive():
+        started = time.monotonic()
+        assert requests.get(worker.url + "/health", timeout=30).status_code == 200
+        slowest = max(slowest, time.monotonic() - started)
+        polls += 1
+        time.sleep(0.02)
+    sender.join()
+    assert polls >= 3
+    assert slowest < 1.0, f"/health took {slowest:.2f} s while the body was parsed"
+    assert answers[0].json() == {
+        "text": "request body holds more than the 1000000 JSON values accepted",
+        "error_code": 1,
+    }
+    assert_serves_afterwards(worker)
+
+
+def test_count_token_keeps_the_body_limit(start_worker):
+    worker = start_worker("text-only", max_request_bytes=10_000)
+    body = json.dumps({"model": "m", "prompt": "word " * 5_000}).encode()
+    answer = requests.post(worker.url + "/count_token", data=body, timeout=60)
+    assert answer.json() == {
+        "count": 0,
+        "error_code": 1,
+        "text": f"request body of {len(body)} bytes is larger than the 10000 bytes accepted",
+    }
+    small = requests.post(worker.url + "/count_token", json={"model": "m", "prompt": "word"}, timeout=60)
+    assert small.json()["error_code"] == 0
+
+
+# Images: data URLs of any case, EXIF orientation, an allow-list of formats.
+
+
+def test_upper_case_data_urls_are_images(start_worker):
+    worker = start_worker("llava-1.5", model_name="llava")
+    image = encode_image(1)
+    plain = worker.generate(greedy(PROMPT_1, [image]))[-1]
+    assert plain["error_code"] == 0
+    for url in (f"DATA:image/png;BASE64,{image}", f"Data:IMAGE/PNG;Base64,{image}"):
+        assert worker.generate(greedy(PROMPT_1, [url]))[-1] == plain
+
+    def chat(url: str) -> dict[str, Any]:
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+        payload: dict[str, Any] = {
+            "model": "llava",
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": 8,
+        }
+        answer = requests.post(worker.url + "/v1/chat/completions", json=payload, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json()["choices"][0]["message"])
+
+    assert chat(f"DATA:IMAGE/PNG;BASE64,{image}") == chat(f"data:image/png;base64,{image}")
+
+
+def jpeg_with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif, quality=95)
+    return buffer.getvalue()
+
+
+def encoded(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied_when_decoding():
+    # Orientation 6: the camera was turned a quarter clockwise; the stored 40x30 picture is upright as 30x40.
+    stored = make_test_image(7, (40, 30))
+    decoded = decode_image(encoded(jpeg_with_orientation(stored, 6)), 0, ImageLimits())
+    assert decoded.size == (30, 40)
+    as_stored = Image.open(io.BytesIO(jpeg_with_orientation(stored, 6))).convert("RGB")
+    assert decoded.tobytes() == as_stored.transpose(Image.Transpose.ROTATE_270).tobytes()
+    # Without an orientation tag nothing turns.
+    assert decode_image(encoded(jpeg_with_orientation(stored, 1)), 0, ImageLimits()).size == (40, 30)
+
+
+def test_a_phone_photo_reaches_the_model_upright(start_worker):
+    worker = start_worker("llava-1.5")
+    jpeg = jpeg_with_orientation(make_test_image(7, (40, 30)), 6)
+    # The very pixels the JPEG decodes to, stored sideways (as taken) and upright (as meant), losslessly.
+    as_stored = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    upright = as_stored.transpose(Image.Transpose.ROTATE_270)
+
+    def answer(data: bytes) -> Any:
+        return worker.generate(greedy(PROMPT_1, [encoded(data)], max_new_tokens=12))[-1]
+
+    from_phone = answer(jpeg)
+    assert from_phone["error_code"] == 0
+    assert from_phone == answer(png(upright))
+    # The model does tell the two orientations apart, so the equality above is not a coincidence.
+    assert answer(png(as_stored)) != from_phone
+
+
+def image_file(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    make_test_image(3, (40, 30)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("TIFF", "TIFF"), ("EPS", "EPS"), ("ICO", "ICO")])
+def test_image_formats_outside_the_allow_list_are_refused(start_worker, fmt, name):
+    worker = start_worker("llava-1.5")
+    chunks = worker.generate(greedy(PROMPT_1, [encoded(image_file(fmt))]))
+    assert chunks == [
+        {
+            "text": f"image 1 looks like a {name} file; accepted image formats: PNG, JPEG, WEBP, GIF, BMP",
+            "error_code": 1,
+        }
+    ]
+    for accepted in ("PNG", "JPEG"):
+        assert worker.generate(greedy(PROMPT_1, [encoded(image_file(accepted))]))[-1]["error_code"] == 0
+    # A format let in by --image-formats is read.
+    tiff = start_worker("llava-1.5", image_formats="png,jpeg,tiff")
+    assert tiff.generate(greedy(PROMPT_1, [encoded(image_file("TIFF"))]))[-1]["error_code"] == 0
+
+
+def test_image_formats_are_checked_at_start_up():
+    with pytest.raises(StartupError, match="--image-formats: 'NOPE' is not an image format"):
+        validate_config(WorkerConfig(image_formats="PNG,NOPE"))
+    with pytest.raises(StartupError, match="--image-formats names no format"):
+        validate_config(WorkerConfig(image_formats=" , "))
+    validate_config(WorkerConfig(image_formats="png, Jpeg"))
+
+
+def test_unreadable_images_still_get_the_plain_message():
+    with pytest.raises(ImageError, match="image 1 is not in an image format the worker can read"):
+        decode_image(encoded(b"hello, not an image at all"), 0, ImageLimits())
+
+
+# Routes nobody needs on an exposed worker.
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_api_docs_are_off_unless_asked_for(start_worker, path):
+    assert requests.get(start_worker("text-only").url + path, timeout=30).status_code == 404
+    assert requests.get(start_worker("text-only", serve_api_docs=True).url + path, timeout=30).status_code == 200
