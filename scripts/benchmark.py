@@ -1,19 +1,33 @@
 #!/usr/bin/env python
 """Measures the worker against bare `model.generate` on the same model and machine, in one run.
 
-    python scripts/benchmark.py                 # text mode: a random 21 M-parameter Llama
-    python scripts/benchmark.py --mode image    # image mode: a tiny LLaVA-1.5, one image per request
+    python scripts/benchmark.py                           # text mode: a random 21 M-parameter Llama
+    python scripts/benchmark.py --mode image              # image mode: a tiny LLaVA-1.5, one image per request
+    python scripts/benchmark.py --mode vision             # vision mode: LLaVA-1.5-shaped (336 px, 576 image tokens)
+    python scripts/benchmark.py --mode vision --profile   # where a single image stream's time goes
 
-Prints aggregate generated tokens/s, median time to first token (TTFT), median time between tokens
-(TBT) and peak memory for: bare `generate` at batch 1 and batch N, and the worker over real HTTP
-with 1 and N concurrent streaming clients; then the ratios, and how much later a request that
-arrives while N-1 others are decoding gets its first token than it would alone.
+Text and image modes print aggregate generated tokens/s, median time to first token (TTFT), median
+time between tokens (TBT) and peak memory for: bare `generate` at batch 1 and batch N, and the
+worker over real HTTP with 1 and N concurrent streaming clients; then the ratios, and how much later
+a request that arrives while N-1 others are decoding gets its first token than it would alone.
+
+Vision mode (issue 11) runs a random-weight LLaVA-1.5 of compute-relevant size (a 336 px CLIP tower
+with 14 px patches, so 576 image tokens per image, before the text mode's 21 M-parameter Llama)
+with prompts as LLaVA's web UI sends them (`conv_llava_v1`: system message, `USER: <image>\n...
+ASSISTANT:`), greedy, and measures four workloads against bare `generate` in the same run:
+8 concurrent image clients (aggregate tokens/s vs `generate` batch 8), 1 image client (vs batch 1),
+a 5-turn web-UI conversation (TTFT of turn 5 vs turn 1) and 4 text streams decoding while 4 image
+requests arrive (their longest gap between chunks vs their median gap). With --profile it instead
+times the phases of single image requests inside the worker (and, with --cprofile, profiles each of
+the worker's threads) against bare `generate` at batch 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
+import importlib
 import io
 import itertools
 import json
@@ -25,16 +39,26 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llava_worker.testing.tiny import build_all, build_benchmark_llama, make_test_image  # noqa: E402
+from llava_worker.models.chat_template import LLAVA_SYSTEM_MESSAGE  # noqa: E402
+from llava_worker.testing.tiny import (  # noqa: E402
+    BENCH_IMAGE_TOKENS,
+    build_all,
+    build_atomically,
+    build_benchmark_llama,
+    build_benchmark_llava15,
+    make_test_image,
+)
 
 TEXT_PROMPTS = [
     "USER: Tell me a story about the sea. ASSISTANT:",
@@ -43,6 +67,42 @@ TEXT_PROMPTS = [
     "USER: Describe a walk through a quiet forest at dawn, with birds. ASSISTANT:",
 ]
 IMAGE_PROMPT = "USER: <image>\nWhat is shown in this picture? ASSISTANT:"
+
+# -- vision mode: LLaVA's web UI on a LLaVA-1.5-shaped model ----------------------------------------
+
+#: Where the vision model is built under --checkpoints; bump the stamp when its builder changes.
+VISION_MODEL_DIR = "bench-llava-1.5-336"
+VISION_MODEL_STAMP = "1\n"
+#: The size the images are sent at (the web UI sends PNG, after shrinking large photos).
+VISION_IMAGE_SIZE = (640, 480)
+#: `conv_llava_v1.sep2`: what the web UI sends as `stop`.
+WEB_UI_STOP = "</s>"
+#: First questions of the image clients (one each, so prompt lengths differ a little).
+VISION_QUESTIONS = (
+    "What is shown in this picture?",
+    "Describe this image in detail.",
+    "What colours are in the image?",
+    "Is there a person in this photo?",
+    "What is the weather like in this picture?",
+    "Where could this photo have been taken?",
+    "What stands out the most in the image?",
+    "Write a short caption for this picture.",
+)
+#: The five turns of the web-UI conversation.
+CONVERSATION = (
+    "What is shown in this picture?",
+    "What colour is the largest object?",
+    "Is there anything unusual about it?",
+    "Where do you think this was taken?",
+    "Sum up our conversation in one sentence.",
+)
+#: The text-only streams that decode while image requests arrive.
+TEXT_QUESTIONS = (
+    "Tell me a story about the sea.",
+    "What is the capital of the little island where the boat sails?",
+    "Describe a walk through a quiet forest at dawn, with birds.",
+    "Write a poem about a red boat on a blue river.",
+)
 
 
 @dataclass
@@ -55,11 +115,42 @@ class Figures:
     peak_mib: float
 
 
-def prompts_for(mode: str, count: int) -> list[tuple[str, str | None]]:
+Item = tuple[str, str | None]
+"""A request: its prompt and its base64 image (or None)."""
+
+
+def web_ui_prompt(turns: list[tuple[str, str | None]], image: bool) -> str:
+    """The prompt LLaVA's web UI sends: `conv_llava_v1.get_prompt()` (separator style TWO), i.e. the
+    system message, then `USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:`. The image leads
+    the first question; each answer is the worker's own (stripped, as the UI keeps it), None for
+    the turn being asked."""
+    prompt = LLAVA_SYSTEM_MESSAGE + " "
+    for index, (question, answer) in enumerate(turns):
+        text = f"<image>\n{question}" if image and index == 0 else question
+        prompt += f"USER: {text} ASSISTANT:"
+        # An empty message renders as the bare role in `get_prompt`, without a separator.
+        prompt += f" {answer}{WEB_UI_STOP}" if answer else ""
+    return prompt
+
+
+def vision_image(seed: int) -> str:
+    """A base64 PNG of 640x480 that differs per seed; smooth, so PNG compresses it like a photo."""
+    buffer = io.BytesIO()
+    image = make_test_image(seed, (16, 12)).resize(VISION_IMAGE_SIZE, Image.Resampling.BICUBIC)
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def prompts_for(mode: str, count: int) -> list[Item]:
     """(prompt, base64 image or None) pairs; images differ per request."""
     if mode == "text":
         return [(TEXT_PROMPTS[i % len(TEXT_PROMPTS)], None) for i in range(count)]
-    result: list[tuple[str, str | None]] = []
+    if mode == "vision":
+        questions = [VISION_QUESTIONS[i % len(VISION_QUESTIONS)] for i in range(count)]
+        return [
+            (web_ui_prompt([(question, None)], image=True), vision_image(i)) for i, question in enumerate(questions)
+        ]
+    result: list[Item] = []
     for i in range(count):
         buffer = io.BytesIO()
         make_test_image(i, (40 + 3 * i, 30)).save(buffer, format="PNG")
@@ -146,10 +237,16 @@ def bare_child(spec: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def bare_generate(model: Path, batch: int, new_tokens: int, items: list[tuple[str, str | None]]) -> Figures:
+def bare_generate(model: Path, batch: int, new_tokens: int, items: list[Item]) -> Figures:
     spec = json.dumps({"model": str(model), "batch": batch, "new_tokens": new_tokens, "items": items})
     result = subprocess.run(
-        [sys.executable, __file__, "--bare-child", spec], capture_output=True, text=True, timeout=900, check=False
+        # The spec goes by stdin: with images it is far longer than one argument may be.
+        [sys.executable, __file__, "--bare-child", "-"],
+        input=spec,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     if result.returncode != 0:
         raise SystemExit(f"bare generate failed:\n{result.stderr[-3000:]}")
@@ -166,13 +263,16 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    def __init__(self, model: Path, limit: int) -> None:
+    """`python -m llava_worker` on a free port; `launcher` replaces `-m llava_worker` (instrumentation)."""
+
+    def __init__(self, model: Path, limit: int, launcher: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
         self.process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "llava_worker", "--model-path", str(model), "--device", "cpu"),
+                *(launcher or [sys.executable, "-m", "llava_worker"]),
+                *("--model-path", str(model), "--device", "cpu"),
                 *("--no-register", "--host", "127.0.0.1", "--port", str(self.port)),
                 *("--limit-model-concurrency", str(limit)),
             ],
@@ -211,14 +311,26 @@ class Timing:
     first: float
     chunk_times: list[float]
     end: float
+    text: str = ""
+    """The last chunk's text (the prompt, then the answer: the LLaVA protocol echoes the prompt)."""
 
 
-def stream_one(url: str, prompt: str, image: str | None, new_tokens: int) -> Timing:
+def stream_one(
+    url: str,
+    prompt: str,
+    image: str | None,
+    new_tokens: int,
+    stop: str | None = None,
+    on_chunk: Callable[[], None] | None = None,
+) -> Timing:
     payload: dict[str, Any] = {"prompt": prompt, "temperature": 0, "max_new_tokens": new_tokens}
     if image:
         payload["images"] = [image]
+    if stop is not None:
+        payload["stop"] = stop
     start = time.perf_counter()
     times: list[float] = []
+    text = ""
     with requests.post(url + "/worker_generate_stream", json=payload, stream=True, timeout=600) as response:
         for chunk in response.iter_lines(delimiter=b"\0"):
             if not chunk:
@@ -227,10 +339,27 @@ def stream_one(url: str, prompt: str, image: str | None, new_tokens: int) -> Tim
             if data["error_code"] != 0:
                 raise SystemExit(f"the worker answered an error: {data['text']}")
             times.append(time.perf_counter())
-    return Timing(start, times[0], times, time.perf_counter())
+            text = data["text"]
+            if on_chunk is not None:
+                on_chunk()
+    return Timing(start, times[0], times, time.perf_counter(), text)
 
 
-def worker_clients(url: str, clients: int, items: list[tuple[str, str | None]], new_tokens: int) -> list[Timing]:
+def in_threads(calls: Sequence[Callable[[], Timing]]) -> tuple[list[threading.Thread], list[Timing]]:
+    """Starts each call on its own thread; the list fills with their timings as they finish."""
+    timings: list[Timing] = []
+    threads = [threading.Thread(target=lambda call=call: timings.append(call())) for call in calls]
+    for thread in threads:
+        thread.start()
+    return threads, timings
+
+
+def join(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join()
+
+
+def worker_clients(url: str, clients: int, items: list[Item], new_tokens: int) -> list[Timing]:
     """Each client sends its share of `items` one after another; all clients run at once."""
     timings: list[Timing] = []
     lock = threading.Lock()
@@ -244,8 +373,7 @@ def worker_clients(url: str, clients: int, items: list[tuple[str, str | None]], 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    join(threads)
     return timings
 
 
@@ -255,12 +383,12 @@ def summarise(timings: list[Timing], new_tokens: int, peak: float) -> Figures:
     return Figures(
         tokens_per_s=len(timings) * new_tokens / wall,
         ttft_ms=1000 * statistics.median(t.first - t.start for t in timings),
-        tbt_ms=1000 * statistics.median(gaps),
+        tbt_ms=1000 * statistics.median(gaps) if gaps else float("nan"),
         peak_mib=peak,
     )
 
 
-def late_arrival(url: str, clients: int, items: list[tuple[str, str | None]], new_tokens: int) -> tuple[float, float]:
+def late_arrival(url: str, clients: int, items: list[Item], new_tokens: int) -> tuple[float, float]:
     """TTFT of a request that arrives while `clients - 1` others are decoding, and the step time then."""
     background_tokens = new_tokens * 4
     busy: list[Timing] = []
@@ -273,26 +401,26 @@ def late_arrival(url: str, clients: int, items: list[tuple[str, str | None]], ne
     time.sleep(1.0)  # the others are well into decoding by now
     prompt, image = items[-1]
     late = stream_one(url, prompt, image, new_tokens)
-    for thread in threads:
-        thread.join()
+    join(threads)
     step_gaps = [b - a for t in busy for a, b in itertools.pairwise(t.chunk_times)]
     return late.first - late.start, statistics.median(step_gaps)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["text", "image"], default="text")
-    parser.add_argument("--clients", type=int, default=8, help="N: concurrent clients, batch size, worker limit")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client in the N-client run")
-    parser.add_argument("--checkpoints", type=Path, default=ROOT / "tiny-checkpoints")
-    parser.add_argument("--bare-child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.bare_child:
-        print(json.dumps(bare_child(json.loads(args.bare_child))))
-        return
-    n, new_tokens = args.clients, args.new_tokens
+def print_figures(results: dict[str, Figures]) -> None:
+    print(f"{'configuration':34} {'tokens/s':>10} {'TTFT ms':>9} {'TBT ms':>8} {'peak MiB':>9}")
+    for name, figures in results.items():
+        print(
+            f"{name:34} {figures.tokens_per_s:10.1f} {figures.ttft_ms:9.1f} {figures.tbt_ms:8.2f} "
+            f"{figures.peak_mib:9.0f}"
+        )
 
+
+# -- text and image modes --------------------------------------------------------------------------
+
+
+def run_throughput(args: argparse.Namespace) -> None:
+    """Text and image modes: throughput at 1 and N clients against bare `generate`, and a late arrival."""
+    n, new_tokens = args.clients, args.new_tokens or 64
     if args.mode == "text":
         model = args.checkpoints / "bench-llama-21m"
         if not (model / "config.json").exists():
@@ -320,12 +448,7 @@ def main() -> None:
         worker.close()
 
     print()
-    print(f"{'configuration':34} {'tokens/s':>10} {'TTFT ms':>9} {'TBT ms':>8} {'peak MiB':>9}")
-    for name, figures in results.items():
-        print(
-            f"{name:34} {figures.tokens_per_s:10.1f} {figures.ttft_ms:9.1f} {figures.tbt_ms:8.2f} "
-            f"{figures.peak_mib:9.0f}"
-        )
+    print_figures(results)
     bare1 = results["bare generate, batch 1"].tokens_per_s
     baren = results[f"bare generate, batch {n}"].tokens_per_s
     one = results["worker over HTTP, 1 client"].tokens_per_s
@@ -339,6 +462,530 @@ def main() -> None:
         f"late arrival: TTFT {1000 * late_ttft:.1f} ms with {n - 1} decoding vs {1000 * alone:.1f} ms alone; "
         f"{extra_steps:+.1f} decode steps ({1000 * step:.2f} ms each)   (target <= 3)"
     )
+
+
+# -- vision mode (issue 11) ------------------------------------------------------------------------
+
+
+def vision_model(checkpoints: Path) -> Path:
+    """The vision benchmark's LLaVA-1.5, built once under `checkpoints`."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    target = checkpoints / VISION_MODEL_DIR
+    build_atomically(build_benchmark_llava15, target, VISION_MODEL_STAMP, force=False)
+    return target
+
+
+def vision_items(count: int, first_seed: int) -> list[Item]:
+    """First-turn web-UI requests, each with its own image (seeds from `first_seed`: no two rows of
+    the run share an image, so no row can profit from another's images being seen before)."""
+    questions = [VISION_QUESTIONS[i % len(VISION_QUESTIONS)] for i in range(count)]
+    return [(web_ui_prompt([(q, None)], image=True), vision_image(first_seed + i)) for i, q in enumerate(questions)]
+
+
+class ChunkCounter:
+    """Counts each stream's chunks, so the caller can wait until every stream is decoding."""
+
+    def __init__(self, streams: int) -> None:
+        self._counts = [0] * streams
+        self._changed = threading.Condition()
+
+    def tick(self, stream: int) -> None:
+        with self._changed:
+            self._counts[stream] += 1
+            self._changed.notify_all()
+
+    def wait(self, chunks: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: min(self._counts) >= chunks, timeout)
+
+
+def conversation(url: str, image: str, new_tokens: int) -> list[tuple[float, str]]:
+    """LLaVA's web UI: every turn re-sends the whole history and the image. Each turn's time to first
+    chunk, and its prompt."""
+    history: list[tuple[str, str | None]] = []
+    turns: list[tuple[float, str]] = []
+    for question in CONVERSATION:
+        prompt = web_ui_prompt([*history, (question, None)], image=True)
+        timing = stream_one(url, prompt, image, new_tokens, stop=WEB_UI_STOP)
+        turns.append((timing.first - timing.start, prompt))
+        # The UI keeps `text[len(prompt):].strip()`: the worker echoes the prompt, as LLaVA's does.
+        answer = timing.text.removeprefix(prompt)
+        history.append((question, answer.strip()))
+    return turns
+
+
+@dataclass
+class Interference:
+    """Text streams' gaps between chunks while image requests arrive."""
+
+    longest_gap: float
+    """The longest gap that overlaps the arrival and prefill of the image requests."""
+    median_gap: float
+    """The median gap over the text streams' whole lives."""
+    image_ttft: float
+    """The image requests' median time to first chunk."""
+    covered: bool
+    """Whether the text streams were still decoding when the last image request got its first chunk."""
+
+
+def after(seconds: float, call: Callable[[], Timing]) -> Callable[[], Timing]:
+    def delayed() -> Timing:
+        time.sleep(seconds)
+        return call()
+
+    return delayed
+
+
+def text_during_images(url: str, images: list[Item], new_tokens: int, text_tokens: int, gap: float) -> Interference:
+    """One text-only stream per TEXT_QUESTIONS; once all of them decode, the image requests arrive,
+    `gap` seconds apart (0: at the same moment)."""
+    counter = ChunkCounter(len(TEXT_QUESTIONS))
+    text_calls = [
+        functools.partial(
+            stream_one,
+            url,
+            web_ui_prompt([(question, None)], image=False),
+            None,
+            text_tokens,
+            WEB_UI_STOP,
+            functools.partial(counter.tick, index),
+        )
+        for index, question in enumerate(TEXT_QUESTIONS)
+    ]
+    text_threads, texts = in_threads(text_calls)
+    if not counter.wait(chunks=8, timeout=120):
+        raise SystemExit("the text streams did not start decoding within 120 s")
+    arrival = time.perf_counter()
+    image_calls = [
+        after(index * gap, functools.partial(stream_one, url, prompt, image, new_tokens, WEB_UI_STOP))
+        for index, (prompt, image) in enumerate(images)
+    ]
+    image_threads, arrived = in_threads(image_calls)
+    join(image_threads)
+    join(text_threads)
+    prefilled = max(t.first for t in arrived)
+    gaps = [(a, b) for t in texts for a, b in itertools.pairwise(t.chunk_times)]
+    return Interference(
+        longest_gap=max((b - a for a, b in gaps if b >= arrival and a <= prefilled), default=float("nan")),
+        median_gap=statistics.median(b - a for a, b in gaps),
+        image_ttft=statistics.median(t.first - t.start for t in arrived),
+        covered=min(t.end for t in texts) > prefilled,
+    )
+
+
+@dataclass
+class VisionRun:
+    """Everything one vision run measured."""
+
+    n: int
+    figures: dict[str, Figures] = field(default_factory=dict)
+    conversations: list[list[tuple[float, str]]] = field(default_factory=list)
+    interference: Interference | None = None
+
+
+def run_vision(args: argparse.Namespace) -> None:
+    """The four workloads of issue 11, side by side with bare `generate` (see the module docstring)."""
+    n, new_tokens = args.clients, args.new_tokens or 48
+    model = vision_model(args.checkpoints)
+    # Distinct images per row: 0.. for one client, 100.. for N clients, 200.. the conversations,
+    # 300.. the images that arrive during text streams, 900 the warm-up.
+    single = vision_items(args.single_requests, first_seed=0)
+    many = vision_items(n * args.rounds, first_seed=100)
+    print(f"model: {model}: LLaVA-1.5 shapes (336 px CLIP tower, {BENCH_IMAGE_TOKENS} image tokens), random weights")
+    print(f"mode: vision  N={n}  new tokens per request: {new_tokens}  greedy, float32, cpus: {os.cpu_count()}")
+    began = time.perf_counter()
+    run = VisionRun(n)
+    run.figures["bare generate, batch 1"] = bare_generate(model, 1, new_tokens, single)
+    run.figures[f"bare generate, batch {n}"] = bare_generate(model, n, new_tokens, many)
+    worker = WorkerProcess(model, n)
+    try:
+        worker_clients(worker.url, 1, vision_items(1, first_seed=900), 8)  # warm-up
+        timings = worker_clients(worker.url, 1, single, new_tokens)
+        run.figures["worker over HTTP, 1 client"] = summarise(timings, new_tokens, worker.peak_mib())
+        timings = worker_clients(worker.url, n, many, new_tokens)
+        run.figures[f"worker over HTTP, {n} clients"] = summarise(timings, new_tokens, worker.peak_mib())
+        for index in range(args.conversations):
+            run.conversations.append(conversation(worker.url, vision_image(200 + index), new_tokens))
+        arriving = vision_items(4, first_seed=300)
+        run.interference = text_during_images(worker.url, arriving, new_tokens, args.text_tokens, args.arrival_gap)
+    finally:
+        worker.close()
+    print_vision(run, model)
+    print(f"\nthe vision run took {time.perf_counter() - began:.0f} s (model build excluded)")
+
+
+def prompt_tokens(model: Path, prompts: list[str]) -> list[int]:
+    """Each prompt's length in tokens, each `<image>` counted as the image tokens it stands for."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    counts = [len(tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    return [
+        count + prompt.count("<image>") * (BENCH_IMAGE_TOKENS - 1)
+        for count, prompt in zip(counts, prompts, strict=True)
+    ]
+
+
+def print_vision(run: VisionRun, model: Path) -> None:
+    n, figures, interference = run.n, run.figures, run.interference
+    assert interference is not None
+    print()
+    print_figures(figures)
+    turn_ttfts = [statistics.median(turns[i][0] for turns in run.conversations) for i in range(len(CONVERSATION))]
+    tokens = prompt_tokens(model, [prompt for _, prompt in run.conversations[0]])
+    print()
+    print("web-UI conversation, per turn (median of the conversations): TTFT ms, prompt tokens")
+    print(
+        "  "
+        + "   ".join(
+            f"turn {i + 1}: {1000 * t:.0f} ms, {k}" for i, (t, k) in enumerate(zip(turn_ttfts, tokens, strict=True))
+        )
+    )
+    image_ttft = 1000 * interference.image_ttft
+    print(f"text streams while 4 image requests arrive: the image requests' median TTFT {image_ttft:.0f} ms")
+    if not interference.covered:
+        print("  WARNING: a text stream ended before the image requests were prefilled; raise --text-tokens")
+    bare1, bare_n = figures["bare generate, batch 1"], figures[f"bare generate, batch {n}"]
+    one, many = figures["worker over HTTP, 1 client"], figures[f"worker over HTTP, {n} clients"]
+    rows = [
+        (
+            f"{n} image clients: aggregate tokens/s vs bare batch {n}",
+            f"{many.tokens_per_s:.1f} vs {bare_n.tokens_per_s:.1f} tokens/s",
+            many.tokens_per_s / bare_n.tokens_per_s,
+            ">= 0.8",
+        ),
+        (
+            "1 image client: tokens/s vs bare batch 1",
+            f"{one.tokens_per_s:.1f} vs {bare1.tokens_per_s:.1f} tokens/s",
+            one.tokens_per_s / bare1.tokens_per_s,
+            ">= 0.9",
+        ),
+        (
+            "5-turn web-UI conversation: TTFT turn 5 vs turn 1",
+            f"{1000 * turn_ttfts[-1]:.0f} vs {1000 * turn_ttfts[0]:.0f} ms",
+            turn_ttfts[-1] / turn_ttfts[0],
+            "<= 0.5",
+        ),
+        (
+            "4 text streams, 4 images arrive: longest vs median gap",
+            f"{1000 * interference.longest_gap:.0f} vs {1000 * interference.median_gap:.1f} ms",
+            interference.longest_gap / interference.median_gap,
+            "<= 3",
+        ),
+    ]
+    print()
+    print(f"{'workload (issue 11)':56} {'measured':30} {'ratio':>7}  goal")
+    for name, measured, ratio, goal in rows:
+        print(f"{name:56} {measured:30} {ratio:7.2f}  {goal}")
+
+
+# -- vision mode --profile: where a single image stream's time goes ---------------------------------
+
+PARSE = "HTTP: parse the request body"
+PREPARE = "prepare_inputs: decode the image, processor"
+PREFILL = "engine: prefill (tower, LM, first token)"
+TOWER = "vision tower + projector"
+DECODE = "engine: decode step"
+STEP_INPUTS = "decode step inputs (mask, positions)"
+CHOOSE = "choose tokens (sampling)"
+ACCEPT = "accept tokens (detokenise, publish)"
+ENCODE = "HTTP: encode a chunk"
+#: What the instrumented worker times: (module, attribute, label).
+PHASES = (
+    ("llava_worker.http.app", "parse_generate_params", PARSE),
+    ("llava_worker.worker", "prepare_inputs", PREPARE),
+    ("llava_worker.engine.core", "Engine._prefill", PREFILL),
+    ("transformers.models.llava.modeling_llava", "LlavaModel.get_image_features", TOWER),
+    ("llava_worker.engine.core", "Engine._decode_step", DECODE),
+    ("llava_worker.engine.batch", "DecodeBatch.step_inputs", STEP_INPUTS),
+    ("llava_worker.engine.core", "Engine._choose", CHOOSE),
+    ("llava_worker.engine.core", "Engine._accept", ACCEPT),
+    ("llava_worker.http.fastchat", "encode_chunk", ENCODE),
+)
+Event = tuple[str, float, float]
+"""(phase, start, end): `time.perf_counter()` is the system's monotonic clock, the same in every process."""
+
+
+def _timed(original: Callable[..., Any], label: str, events: list[Event]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            events.append((label, start, time.perf_counter()))
+
+    return timed
+
+
+def _instrument(events: list[Event]) -> list[str]:
+    """Wraps each of PHASES in a timer; returns those that this version of the code lacks."""
+    missing = []
+    for module, path, label in PHASES:
+        *parents, name = path.split(".")
+        try:
+            owner: Any = importlib.import_module(module)
+            for parent in parents:
+                owner = getattr(owner, parent)
+            setattr(owner, name, _timed(getattr(owner, name), label, events))
+        except (ImportError, AttributeError):
+            missing.append(f"{module}.{path}")
+    return missing
+
+
+def _profile_threads(profiles: list[tuple[str, Any]]) -> None:
+    """cProfile profiles one thread: give every thread started from now on, and the server's event
+    loop, a profile of its own."""
+    import cProfile
+
+    import llava_worker.http.launcher as launcher
+
+    original_run = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        profile = cProfile.Profile()
+        profiles.append((self.name, profile))
+        profile.enable()
+        try:
+            original_run(self)
+        finally:
+            profile.disable()
+
+    original_serve = launcher.serve
+
+    def serve(worker: Any) -> None:
+        profile = cProfile.Profile()
+        profiles.append(("event loop", profile))
+        profile.enable()
+        try:
+            original_serve(worker)
+        finally:
+            profile.disable()
+
+    setattr(threading.Thread, "run", run)  # noqa: B010
+    setattr(launcher, "serve", serve)  # noqa: B010
+
+
+def instrumented_worker(out: Path, cprofile: bool, argv: list[str]) -> None:
+    """`python -m llava_worker argv` with PHASES timed (events.json in `out` at exit) and, with
+    `cprofile`, every thread profiled (one .pstats file per thread)."""
+    events: list[Event] = []
+    missing = _instrument(events)
+    profiles: list[tuple[str, Any]] = []
+    if cprofile:
+        _profile_threads(profiles)
+    from llava_worker.cli import main as worker_main
+
+    try:
+        worker_main(argv)
+    finally:
+        (out / "events.json").write_text(json.dumps({"events": events, "missing": missing}))
+        for index, (name, profile) in enumerate(profiles):
+            profile.dump_stats(out / f"{index:02d}-{name.replace('/', '_').replace(' ', '_')}.pstats")
+
+
+def instrumented_run(
+    model: Path, items: list[Item], new_tokens: int, out: Path, cprofile: bool, flags: list[str]
+) -> list[Timing]:
+    """One image client's requests against an instrumented worker (with extra worker `flags`), after
+    a warm-up."""
+    mode = "cprofile" if cprofile else "timers"
+    launcher = [sys.executable, __file__, "--instrumented-worker", str(out), mode, "--", *flags]
+    worker = WorkerProcess(model, 8, launcher)
+    try:
+        worker_clients(worker.url, 1, vision_items(1, first_seed=900), 8)  # warm-up
+        timings = worker_clients(worker.url, 1, items, new_tokens)
+    finally:
+        worker.close()
+    if not (out / "events.json").exists():
+        raise SystemExit(f"the instrumented worker did not exit cleanly; see {worker.log.name}")
+    return timings
+
+
+def timed_run(model: Path, items: list[Item], new_tokens: int, flags: list[str]) -> tuple[list[Timing], list[Event]]:
+    """`instrumented_run` with the phase timers only; the requests' timings and the phases' events."""
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as out:
+        timings = instrumented_run(model, items, new_tokens, Path(out), cprofile=False, flags=flags)
+        recorded = json.loads((Path(out) / "events.json").read_text())
+    if recorded["missing"]:
+        print(f"not instrumented (not in this code): {', '.join(recorded['missing'])}")
+    return timings, [(label, start, end) for label, start, end in recorded["events"]]
+
+
+def step_median(timings: list[Timing], events: list[Event]) -> float:
+    """The median decode step inside the engine while `timings` ran."""
+    return statistics.median(e[2] - e[1] for e in events if e[0] == DECODE and timings[0].start <= e[1])
+
+
+def _spans(timing: Timing, events: list[Event]) -> dict[str, float]:
+    """One request's time, cut at the instrumented phases into spans that add up to its total."""
+    mine = sorted((e for e in events if timing.start <= e[1] <= timing.end), key=lambda e: e[1])
+    totals: dict[str, float] = {}
+    for label, start, end in mine:
+        totals[label] = totals.get(label, 0.0) + end - start
+    prepare = next(e for e in mine if e[0] == PREPARE)
+    prefill = next(e for e in mine if e[0] == PREFILL)
+    steps = [e for e in mine if e[0] == DECODE]
+    last = steps[-1][2] if steps else prefill[2]
+    stepping = sum(end - start for _, start, end in steps)
+    return {
+        "total, as the client sees it": timing.end - timing.start,
+        "time to first chunk": timing.first - timing.start,
+        "client sends → prepare_inputs starts (HTTP in)": prepare[1] - timing.start,
+        PREPARE: prepare[2] - prepare[1],
+        "prepare_inputs ends → prefill starts (slot, queue)": prefill[1] - prepare[2],
+        PREFILL: prefill[2] - prefill[1],
+        f"  of which {TOWER}": totals.get(TOWER, 0.0),
+        "  prefill ends → first chunk at the client": timing.first - prefill[2],
+        f"{len(steps)} decode steps": stepping,
+        f"  of which {STEP_INPUTS}": totals.get(STEP_INPUTS, 0.0),
+        f"  of which {CHOOSE} (prefill's too)": totals.get(CHOOSE, 0.0),
+        f"  of which {ACCEPT} (prefill's too)": totals.get(ACCEPT, 0.0),
+        "engine loop between prefill and steps, and between steps": last - prefill[2] - stepping,
+        "last step → last chunk at the client": timing.end - last,
+        f"({ENCODE}, on the event loop, all chunks)": totals.get(ENCODE, 0.0),
+        f"({PARSE})": totals.get(PARSE, 0.0),
+    }
+
+
+def print_breakdown(timings: list[Timing], events: list[Event], bare: Figures, new_tokens: int) -> None:
+    spans = [_spans(timing, events) for timing in timings]
+    worker_total = statistics.median(s["total, as the client sees it"] for s in spans)
+    bare_total = new_tokens / bare.tokens_per_s
+    bare_figures = {
+        "total, as the client sees it": f"{1000 * bare_total:9.1f}",
+        "time to first chunk": f"{bare.ttft_ms:9.1f}",
+        PREFILL: f"{bare.ttft_ms:9.1f}",
+        f"{new_tokens - 1} decode steps": f"{1000 * bare_total - bare.ttft_ms:9.1f}",
+    }
+    print(f"\nsingle image stream, ms per request (median of {len(spans)}); bare `generate` at batch 1 beside it")
+    print(f"{'phase':62} {'worker':>9} {'share':>6} {'bare':>9}")
+    for label in spans[0]:
+        value = statistics.median(s.get(label, 0.0) for s in spans)
+        share = f"{100 * value / worker_total:5.1f}%"
+        print(f"{label:62} {1000 * value:9.1f} {share:>6} {bare_figures.get(label, ''):>9}")
+    gaps = [b - a for t in timings for a, b in itertools.pairwise(t.chunk_times)]
+    print(
+        f"decode step: worker median {1000 * step_median(timings, events):.2f} ms inside the engine, "
+        f"{1000 * statistics.median(gaps):.2f} ms between chunks at the client; "
+        f"bare generate {bare.tbt_ms:.2f} ms between tokens"
+    )
+
+
+#: Where threads wait for work; left out of the profiles' lists.
+IDLE_WAITS = {
+    "<method 'poll' of 'select.epoll' objects>",
+    "<method 'get' of '_queue.SimpleQueue' objects>",
+    "<method 'acquire' of '_thread.lock' objects>",
+}
+
+
+def print_profiles(out: Path, top: int) -> None:
+    """Each thread group's functions with the most time of their own."""
+    import pstats
+
+    groups: dict[str, list[str]] = {}
+    for path in sorted(out.glob("*.pstats")):
+        name = path.stem.split("-", 1)[1]
+        group = "engine" if name == "engine" else "event_loop" if name == "event_loop" else "other threads"
+        if name.startswith("asyncio_"):
+            group = "to_thread pool (prepare_inputs)"
+        groups.setdefault(group, []).append(str(path))
+    for group, paths in groups.items():
+        stats = pstats.Stats(*paths)
+        rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)  # type: ignore[attr-defined]
+        idle = sum(row[1][2] for row in rows if row[0][2] in IDLE_WAITS)
+        rows = [row for row in rows if row[0][2] not in IDLE_WAITS]
+        total = sum(row[1][2] for row in rows)
+        print(
+            f"\ncProfile, {group}: {total:.2f} s of own time in all, besides {idle:.2f} s waiting for work; "
+            f"the top {top} functions by own time"
+        )
+        print_rows(rows[:top])
+        ours = sorted((row for row in rows if "llava_worker/" in row[0][0]), key=lambda row: row[1][3], reverse=True)
+        if ours:
+            print(f"the worker's own functions by cumulative time (top {top})")
+            print_rows(ours[:top])
+
+
+def print_rows(rows: list[Any]) -> None:
+    print(f"{'own s':>8} {'cum s':>8} {'calls':>8}  function")
+    for (filename, line, function), (_, calls, own, cumulative, _) in rows:
+        where = filename.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
+        print(f"{own:8.3f} {cumulative:8.3f} {calls:8d}  {function} ({where}:{line})")
+
+
+def run_profile(args: argparse.Namespace) -> None:
+    """Single image requests through an instrumented worker, against bare `generate` at batch 1."""
+    new_tokens = args.new_tokens or 48
+    model = vision_model(args.checkpoints)
+    items = vision_items(args.single_requests, first_seed=0)
+    print(f"model: {model}  mode: vision --profile  new tokens per request: {new_tokens}  cpus: {os.cpu_count()}")
+    bare = bare_generate(model, 1, new_tokens, items)
+    timings, events = timed_run(model, items, new_tokens, [])
+    worker = summarise(timings, new_tokens, float("nan"))
+    print()
+    print_figures({"bare generate, batch 1": bare, "worker over HTTP, 1 client (timers)": worker})
+    print(f"worker / bare: {worker.tokens_per_s / bare.tokens_per_s:.2f}")
+    print_breakdown(timings, events, bare, new_tokens)
+    # The same with one chunk per request: what streaming every token costs the decode steps.
+    timings, events = timed_run(model, items, new_tokens, ["--stream-interval", str(new_tokens)])
+    once = summarise(timings, new_tokens, float("nan"))
+    print(
+        f"with --stream-interval {new_tokens} (one chunk per request): {once.tokens_per_s:.1f} tokens/s "
+        f"({once.tokens_per_s / bare.tokens_per_s:.2f} of bare), decode step median "
+        f"{1000 * step_median(timings, events):.2f} ms inside the engine"
+    )
+    if args.cprofile:
+        with tempfile.TemporaryDirectory(prefix="bench-cprofile-") as out:
+            timings = instrumented_run(model, items, new_tokens, Path(out), cprofile=True, flags=[])
+            profiled = summarise(timings, new_tokens, float("nan"))
+            print(f"\nunder cProfile (which slows Python code down): {profiled.tokens_per_s:.1f} tokens/s")
+            print_profiles(Path(out), args.top)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["text", "image", "vision"], default="text")
+    parser.add_argument("--clients", type=int, default=8, help="N: concurrent clients, batch size, worker limit")
+    parser.add_argument("--new-tokens", type=int, help="per request (default: 64; vision mode 48)")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client in the N-client run")
+    parser.add_argument("--checkpoints", type=Path, default=ROOT / "tiny-checkpoints")
+    vision = parser.add_argument_group("vision mode")
+    vision.add_argument("--single-requests", type=int, default=4, help="requests of the 1-client run")
+    vision.add_argument("--conversations", type=int, default=2, help="5-turn web-UI conversations, one after another")
+    vision.add_argument("--text-tokens", type=int, default=256, help="tokens of the text streams images arrive among")
+    vision.add_argument(
+        "--arrival-gap",
+        type=float,
+        default=0.0,
+        help="seconds between the image requests that arrive among text streams",
+    )
+    vision.add_argument("--profile", action="store_true", help="instead: time the phases of single image requests")
+    vision.add_argument("--cprofile", action="store_true", help="with --profile: cProfile every worker thread too")
+    vision.add_argument("--top", type=int, default=15, help="functions listed per thread with --cprofile")
+    parser.add_argument("--bare-child", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--instrumented-worker"]:
+        # benchmark.py --instrumented-worker OUT {timers|cprofile} -- worker flags...
+        instrumented_worker(Path(sys.argv[2]), sys.argv[3] == "cprofile", sys.argv[5:])
+        return
+    args = parse_args()
+    if args.bare_child:
+        spec = sys.stdin.read() if args.bare_child == "-" else args.bare_child
+        print(json.dumps(bare_child(json.loads(spec))))
+    elif args.mode == "vision" and args.profile:
+        run_profile(args)
+    elif args.mode == "vision":
+        run_vision(args)
+    else:
+        run_throughput(args)
 
 
 if __name__ == "__main__":

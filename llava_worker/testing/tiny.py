@@ -42,6 +42,10 @@ from transformers.utils import logging as hf_logging
 from transformers.utils.import_utils import is_torchvision_available
 
 __all__ = [
+    "BENCH_IMAGE_SIZE",
+    "BENCH_IMAGE_TOKENS",
+    "BENCH_MAX_POSITIONS",
+    "BENCH_PATCH_SIZE",
     "CHECKPOINT_DIRS",
     "DEFAULT_SEED",
     "GRID_PINPOINTS",
@@ -50,9 +54,11 @@ __all__ = [
     "IMAGE_TOKENS_PER_IMAGE",
     "MARKER_FILE",
     "PATCH_SIZE",
+    "benchmark_llava15_config",
     "build_all",
     "build_atomically",
     "build_benchmark_llama",
+    "build_benchmark_llava15",
     "build_internvl",
     "build_llava15",
     "build_llava_next",
@@ -249,11 +255,11 @@ def _vision_config() -> CLIPVisionConfig:
     )
 
 
-def _clip_image_processor() -> CLIPImageProcessor | CLIPImageProcessorPil:
+def _clip_image_processor(side: int = IMAGE_SIZE) -> CLIPImageProcessor | CLIPImageProcessorPil:
     # The torchvision classes are what real llava-hf checkpoints name, but torchvision is not a
     # project dependency; the PIL twins build where it is missing (AutoProcessor loads either).
     cls = CLIPImageProcessor if is_torchvision_available() else CLIPImageProcessorPil
-    return cls(size=_RESIZE, crop_size=_CROP)
+    return cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
 def _llava_next_image_processor() -> LlavaNextImageProcessor | LlavaNextImageProcessorPil:
@@ -412,20 +418,76 @@ def build_sliding_window(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     return _build_language_model(out_dir, MistralForCausalLM(config), tokenizer)
 
 
+# The vision benchmark's LLaVA-1.5: LLaVA-1.5's image geometry (a 336 px CLIP tower with 14 px
+# patches: 24 x 24 = 576 image tokens per image) in front of the text benchmark's 21 M-parameter Llama.
+BENCH_IMAGE_SIZE = 336
+BENCH_PATCH_SIZE = 14
+BENCH_IMAGE_TOKENS = (BENCH_IMAGE_SIZE // BENCH_PATCH_SIZE) ** 2
+BENCH_MAX_POSITIONS = 2048
+
+
+def _benchmark_llama_fields(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """The benchmarks' language model: hidden 512, 8 layers, about 21 M parameters."""
+    return language_fields(
+        tokenizer,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=BENCH_MAX_POSITIONS,
+    )
+
+
+def benchmark_llava15_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    """The vision benchmark's config (see `build_benchmark_llava15`)."""
+    # CLIP-L/336 (1024 wide, 24 layers, ~300 M parameters) costs about 4 % of LLaVA-1.5-7B's image
+    # prefill, but would take seconds per image on a 2-core CPU. This tower keeps its geometry (577
+    # positions, 64-wide heads, layer -2 selected) and costs ~20 ms per image, 6-7 % of this model's
+    # ~0.3 s image prefill: the same order as the real pair, so the LM's prefill is what dominates.
+    vision = CLIPVisionConfig(
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        image_size=BENCH_IMAGE_SIZE,
+        patch_size=BENCH_PATCH_SIZE,
+        projection_dim=192,
+        initializer_range=INITIALIZER_RANGE,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**_benchmark_llama_fields(tokenizer)),
+        image_token_index=tokenizer.image_token_id,
+        image_seq_length=BENCH_IMAGE_TOKENS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+    )
+
+
+def build_benchmark_llava15(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
+    """Build the vision benchmark's random LLaVA-1.5: a 336 px CLIP tower (patch 14, 576 image tokens
+    per image; 192 wide, 3 layers), the two-layer projector and the text benchmark's Llama (hidden
+    512, 8 layers, about 21 M parameters), with greedy output that never stops by itself."""
+    tokenizer = build_tokenizer(seed)
+    # Image tokens included, the web UI's conversations outgrow the tiny fixtures' 512 positions.
+    tokenizer.model_max_length = BENCH_MAX_POSITIONS
+    config = benchmark_llava15_config(tokenizer)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    finish_model(model, tokenizer)
+    processor = LlavaProcessor(
+        image_processor=_clip_image_processor(BENCH_IMAGE_SIZE),
+        **{**_llava_processor_fields(tokenizer), "patch_size": BENCH_PATCH_SIZE},
+    )
+    return _save(Path(out_dir), model, processor)
+
+
 def build_benchmark_llama(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     """Build the benchmark's random Llama: hidden 512, 8 layers, about 21 M parameters."""
     tokenizer = build_tokenizer(seed, with_images=False)
-    config = LlamaConfig(
-        **language_fields(
-            tokenizer,
-            hidden_size=512,
-            intermediate_size=1024,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            max_position_embeddings=2048,
-        )
-    )
+    config = LlamaConfig(**_benchmark_llama_fields(tokenizer))
     torch.manual_seed(seed)
     return _build_language_model(out_dir, LlamaForCausalLM(config), tokenizer)
 
