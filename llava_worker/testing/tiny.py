@@ -6,7 +6,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ __all__ = [
     "build_atomically",
     "build_benchmark_llama",
     "build_benchmark_llava15",
+    "build_each_atomically",
     "build_internvl",
     "build_llava15",
     "build_llava_next",
@@ -506,6 +507,21 @@ if is_torchvision_available():
 def _is_complete(path: Path, stamp: str) -> bool:
     marker = path / MARKER_FILE
     return marker.is_file() and marker.read_text() == stamp
+
+
+def build_each_atomically(
+    builders: Mapping[str, Callable[[Path], object]],
+    directories: Mapping[str, str],
+    root: Path,
+    stamp: str,
+    force: bool,
+) -> dict[str, Path]:
+    """Builds each named checkpoint into `root / directories[name]` (see build_atomically); returns the paths."""
+    paths: dict[str, Path] = {}
+    for name, builder in builders.items():
+        paths[name] = root / directories[name]
+        build_atomically(builder, paths[name], stamp, force)
+    return paths
 
 
 def build_atomically(builder: Callable[[Path], object], target: Path, stamp: str, force: bool) -> None:

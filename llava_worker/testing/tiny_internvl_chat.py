@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from llava_worker.testing.tiny import build_atomically
+from llava_worker.testing.tiny import build_each_atomically
 from llava_worker.testing.tiny_original import (
     MM_HIDDEN_SIZE,
     language_model,
@@ -282,10 +282,4 @@ def build_internvl_chat_checkpoints(root: Path, force: bool = False) -> dict[str
     for chat, tower in _CHAT_TOWERS.items():
         tower_dir = str(root / INTERNVL_CHAT_CHECKPOINT_DIRS[tower])
         builders[chat] = functools.partial(_build_chat, name=chat, tower_dir=tower_dir)
-    stamp = _stamp(root)
-    paths: dict[str, Path] = {}
-    for name, builder in builders.items():
-        target = root / INTERNVL_CHAT_CHECKPOINT_DIRS[name]
-        build_atomically(builder, target, stamp, force)
-        paths[name] = target
-    return paths
+    return build_each_atomically(builders, INTERNVL_CHAT_CHECKPOINT_DIRS, root, _stamp(root), force)

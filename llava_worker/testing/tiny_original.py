@@ -40,7 +40,7 @@ from llava_worker.testing.tiny import (
     INITIALIZER_RANGE,
     MAX_POSITIONS,
     PATCH_SIZE,
-    build_atomically,
+    build_each_atomically,
     finish_model,
     language_fields,
     save_quietly,
@@ -563,10 +563,4 @@ def build_original_checkpoints(root: Path, force: bool = False) -> dict[str, Pat
         "llava-v1.6-mistral": _build_mistral,
         "llava-v1-linear": functools.partial(_build_linear, tower=tower),
     }
-    stamp = _stamp(root)
-    paths: dict[str, Path] = {}
-    for name, builder in builders.items():
-        target = root / ORIGINAL_CHECKPOINT_DIRS[name]
-        build_atomically(builder, target, stamp, force)
-        paths[name] = target
-    return paths
+    return build_each_atomically(builders, ORIGINAL_CHECKPOINT_DIRS, root, _stamp(root), force)
