@@ -65,6 +65,18 @@ class WorkerConfig:
     """Requests that decode together in one batch; further requests wait in arrival order."""
     stream_interval: int = 1
     """Send a chunk every N generated tokens."""
+    prefill_chunk_tokens: int = 128
+    """While other requests decode, prefill a newcomer's prompt (image tokens included) in pieces of at
+    most this many tokens between two decode steps, so running streams keep their pace; 0 prefills each
+    prompt at once. Smaller pieces mean steadier streams and slower admission."""
+    image_cache_mb: int = 256
+    """Memory (on the model's device) for image features kept by image content, so an image sent again,
+    in the next turn of a chat or by another client, skips the vision tower; 0 turns the cache off."""
+    prefix_cache_mb: int = 1024
+    """Memory (on the model's device) for the KV states of finished requests, so a request that starts
+    like one of them (the next turn of a chat, a shared system prompt) prefills only what is new; 0
+    turns the cache off. A token takes 2 x layers x KV heads x head size x bytes per value: 512 KiB for a
+    7B Llama in fp16; the start-up log says it for the loaded model."""
     no_register: bool = False
     """Never talk to the controller (serve clients directly)."""
     load_8bit: bool = False
@@ -152,6 +164,12 @@ def validate_config(config: WorkerConfig) -> None:
         raise StartupError("--limit-model-concurrency must be at least 1")
     if config.stream_interval < 1:
         raise StartupError("--stream-interval must be at least 1")
+    _check_amounts(config)
+    _check_image_formats(config.image_format_names)
+
+
+def _check_amounts(config: WorkerConfig) -> None:
+    """Refuses limits, intervals and budgets out of their range."""
     positive = {
         "--heartbeat-interval": config.heartbeat_interval,
         "--controller-timeout": config.controller_timeout,
@@ -166,9 +184,15 @@ def validate_config(config: WorkerConfig) -> None:
     for flag, value in positive.items():
         if value <= 0:
             raise StartupError(f"{flag} must be positive, not {value}")
-    if config.shutdown_grace < 0:
-        raise StartupError(f"--shutdown-grace must not be negative, not {config.shutdown_grace}")
-    _check_image_formats(config.image_format_names)
+    not_negative = {
+        "--shutdown-grace": config.shutdown_grace,
+        "--prefill-chunk-tokens": config.prefill_chunk_tokens,
+        "--image-cache-mb": config.image_cache_mb,
+        "--prefix-cache-mb": config.prefix_cache_mb,
+    }
+    for flag, value in not_negative.items():
+        if value < 0:
+            raise StartupError(f"{flag} must not be negative, not {value}")
 
 
 def _check_image_formats(names: tuple[str, ...]) -> None:

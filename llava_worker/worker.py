@@ -14,7 +14,7 @@ from llava_worker.admission import AdmissionGate, Slot
 from llava_worker.chunks import KEEPALIVE, StreamChunk
 from llava_worker.config import MAX_NEW_TOKENS_CAP, WorkerConfig
 from llava_worker.controller import ControllerLink
-from llava_worker.engine.core import Engine
+from llava_worker.engine.core import Engine, PrefillSettings, kv_bytes_per_token
 from llava_worker.engine.requests import GenerationRequest
 from llava_worker.engine.sampling import SamplingParams
 from llava_worker.engine.streams import GenerationOutput
@@ -65,9 +65,12 @@ class ModelWorker:
         self.worker_addr = config.worker_address
         self.model_name = config.served_model_name
         self.gate = AdmissionGate(config.limit_model_concurrency)
-        # The gate lets at most `limit` requests into the engine, so they all decode in one batch.
-        self.engine = Engine(loaded, max_batch=config.limit_model_concurrency)
         self.metrics = WorkerMetrics(self.get_queue_length, lambda: self.gate.running)
+        # The gate lets at most `limit` requests into the engine, so they all decode in one batch.
+        self.engine = Engine(
+            loaded, max_batch=config.limit_model_concurrency, settings=prefill_settings(config), observer=self.metrics
+        )
+        self.metrics.watch_caches(self.engine.image_cache, self.engine.prefix_cache)
         self.image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels, config.image_format_names)
         self.draining = False
         self.controller: ControllerLink | None = None
@@ -100,9 +103,25 @@ class ModelWorker:
 
     async def start(self) -> None:
         """Starts the engine, and registration and heartbeats in the background (unless `--no-register`)."""
+        self._log_prefill_settings()
         self.engine.start()
         if self.controller is not None:
             await self.controller.start()
+
+    def _log_prefill_settings(self) -> None:
+        if not self.engine.piecewise:
+            logger.info("prefill: each prompt whole, one request at a time (this model's cache cannot be batched)")
+            return
+        per_token = kv_bytes_per_token(self.loaded)
+        logger.info(
+            "prefill: pieces of %s tokens while others decode; image cache %d MiB; prefix cache %d MiB "
+            "(a token's KV states take %.1f KiB: about %d tokens)",
+            self.config.prefill_chunk_tokens or "unlimited",
+            self.config.image_cache_mb,
+            self.config.prefix_cache_mb,
+            per_token / 1024,
+            (self.config.prefix_cache_mb << 20) // per_token,
+        )
 
     async def stop(self) -> None:
         if self.controller is not None:
@@ -296,10 +315,11 @@ class ModelWorker:
         outcome = "error" if final.error is not None else final.finish_reason
         ttft = "-" if record.first_text_at is None else f"{record.first_text_at - record.started:.3f} s"
         logger.info(
-            "request %s: %s, %d prompt tokens, %d new tokens, first text after %s, %.3f s in all",
+            "request %s: %s, %d prompt tokens (%d reused), %d new tokens, first text after %s, %.3f s in all",
             record.request_id,
             outcome,
             record.prompt_tokens,
+            final.reused_prompt_tokens,
             final.completion_tokens,
             ttft,
             time.perf_counter() - record.started,
@@ -308,3 +328,13 @@ class ModelWorker:
     def _notify_controller(self) -> None:
         if self.controller is not None:
             self.controller.notify()
+
+
+def prefill_settings(config: WorkerConfig) -> PrefillSettings:
+    """The engine's prefill settings from the worker's flags."""
+    mib = 1 << 20
+    return PrefillSettings(
+        chunk_tokens=config.prefill_chunk_tokens or None,
+        image_cache_bytes=config.image_cache_mb * mib,
+        prefix_cache_bytes=config.prefix_cache_mb * mib,
+    )

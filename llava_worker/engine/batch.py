@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from llava_worker.engine.kv_layer import MARGIN, GrowingLayer
+
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
     # Only caches that passed `is_mergeable` get here, so every layer is a plain DynamicLayer.
@@ -18,7 +20,8 @@ def _layers(cache: DynamicCache) -> list[DynamicLayer]:
 def is_mergeable(cache: Any) -> bool:
     """Whether rows of this cache can be joined and split along the batch (plain, unbounded layers)."""
     return isinstance(cache, DynamicCache) and all(
-        type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers
+        type(layer) in (DynamicLayer, GrowingLayer) and cast(DynamicLayer, layer).is_initialized
+        for layer in cache.layers
     )
 
 
@@ -43,13 +46,13 @@ class DecodeBatch:
         """Appends prefilled requests as the last rows: their cache and their (left-padded) mask."""
         attention_mask = attention_mask.to(device=self._device, dtype=torch.long)
         if self.cache is None or len(self) == 0:
-            self.cache, self.attention_mask = cache, attention_mask
+            self.cache, self.attention_mask = _growing(cache), attention_mask
         else:
             total = max(self.attention_mask.shape[1], attention_mask.shape[1])
-            for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
-                (my_keys, my_values), (their_keys, their_values) = _states(mine), _states(theirs)
-                mine.keys = torch.cat([_pad_left(my_keys, total), _pad_left(their_keys, total)])
-                mine.values = torch.cat([_pad_left(my_values, total), _pad_left(their_values, total)])
+            for mine, theirs in zip(cast(list[GrowingLayer], self.cache.layers), _layers(cache), strict=True):
+                keys = _stacked(_states(mine)[0], _states(theirs)[0], total)
+                values = _stacked(_states(mine)[1], _states(theirs)[1], total)
+                mine.adopt(keys, values, total)
             self.attention_mask = torch.cat(
                 [_pad_left_2d(self.attention_mask, total), _pad_left_2d(attention_mask, total)]
             )
@@ -70,12 +73,20 @@ class DecodeBatch:
         mask = self.attention_mask.index_select(0, index)
         used = mask.any(dim=0).nonzero()
         first = int(used[0].item()) if used.numel() else 0
-        for layer in _layers(self.cache):
+        for layer in cast(list[GrowingLayer], self.cache.layers):
             keys, values = _states(layer)
-            layer.keys = keys.index_select(0, index)[:, :, first:]
-            layer.values = values.index_select(0, index)[:, :, first:]
+            layer.adopt(_gathered(keys, rows, first), _gathered(values, rows, first), keys.shape[2] - first)
         self.attention_mask = mask[:, first:]
         self.positions = [self.positions[row] for row in rows]
+
+    def row_states(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The KV states of one row without its padding: per layer, (1, heads, tokens, head dim) each."""
+        assert self.cache is not None
+        real = self.attention_mask[row].bool()
+        return [
+            (keys[row : row + 1, :, real].clone(), values[row : row + 1, :, real].clone())
+            for keys, values in map(_states, _layers(self.cache))
+        ]
 
     def step_inputs(self, last_tokens: list[int]) -> dict[str, Any]:
         """Forward arguments that feed each row's last token at its own position."""
@@ -98,6 +109,40 @@ def _states(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys, layer.values
 
 
+def _growing(cache: DynamicCache) -> DynamicCache:
+    """The same states in GrowingLayers: the cache itself when it already has them."""
+    if all(type(layer) is GrowingLayer for layer in cache.layers):
+        return cache
+    grown = DynamicCache()
+    grown.layers = []
+    for layer in _layers(cache):
+        keys, values = _states(layer)
+        growing = GrowingLayer()
+        growing.adopt(keys, values, keys.shape[2])
+        grown.layers.append(growing)
+    return grown
+
+
+def _stacked(mine: torch.Tensor, theirs: torch.Tensor, total: int) -> torch.Tensor:
+    """Both row sets in one new buffer, each right-aligned to `total` columns, with spare columns after."""
+    rows = mine.shape[0]
+    merged = mine.new_empty((rows + theirs.shape[0], mine.shape[1], total + MARGIN, mine.shape[3]))
+    for part, states in ((merged[:rows], mine), (merged[rows:], theirs)):
+        length = states.shape[2]
+        part[:, :, : total - length] = 0  # padding: masked, but never garbage
+        part[:, :, total - length : total] = states
+    return merged
+
+
+def _gathered(states: torch.Tensor, rows: list[int], first: int) -> torch.Tensor:
+    """`rows` of `states` from column `first` on, in one new buffer with spare columns after."""
+    length = states.shape[2] - first
+    kept = states.new_empty((len(rows), states.shape[1], length + MARGIN, states.shape[3]))
+    for target, row in enumerate(rows):
+        kept[target, :, :length] = states[row, :, first:]
+    return kept
+
+
 def left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token rows of different lengths as one batch: input ids, attention mask and position ids."""
     length = max(row.shape[-1] for row in rows)
@@ -106,11 +151,6 @@ def left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
     # Padding sits at positions before 0; clamping keeps the ids valid, and the mask hides them.
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     return ids, mask, positions
-
-
-def _pad_left(states: torch.Tensor, length: int) -> torch.Tensor:
-    """[batch, heads, seq, dim] padded with zeros at the start of `seq` up to `length`."""
-    return F.pad(states, (0, 0, length - states.shape[2], 0))
 
 
 def _pad_left_2d(mask: torch.Tensor, length: int) -> torch.Tensor:

@@ -8,22 +8,28 @@ import enum
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from llava_worker.engine.batch import DecodeBatch, is_mergeable, left_padded
 from llava_worker.engine.detokenizer import TextAccumulator
+from llava_worker.engine.image_cache import ImageFeatureCache
+from llava_worker.engine.prefill import PrefillGroup, PrefillRow
+from llava_worker.engine.prefix_cache import ImageMark, PrefixCache, SequenceKey
 from llava_worker.engine.requests import GenerationRequest
 from llava_worker.engine.sampling import SamplingParams, next_tokens
 from llava_worker.engine.streams import GenerationOutput, RequestStream
 from llava_worker.errors import GenerationError, OutOfMemoryError, WorkerError
 from llava_worker.models.inputs import PreparedInputs
 from llava_worker.models.loaded import LoadedModel
+from llava_worker.models.vision import tower_layout
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,13 @@ class _Request:
     generated: int = 0
     finish_reason: str | None = None
     """Set once the request has ended by itself (`stop` or `length`)."""
+    submitted_at: float = field(default_factory=time.perf_counter)
+    key: SequenceKey | None = None
+    """What its prompt's KV states depend on; None for a prompt prefilled whole (not cacheable)."""
+    fed: list[int] = field(default_factory=list)
+    """Generated tokens fed back to the model: with the prompt, what its cache rows hold."""
+    reused: int = 0
+    """Prompt tokens whose KV states came from the prefix cache."""
 
 
 class RequestHandle:
@@ -67,32 +80,76 @@ class RequestHandle:
         return self._request.stream.outputs()
 
 
+@dataclass(frozen=True)
+class PrefillSettings:
+    """How the engine prefills; the defaults turn chunking and both caches off."""
+
+    chunk_tokens: int | None = None
+    """Most prompt tokens (image tokens included, per row) prefilled between two decode steps while
+    other requests decode; None: each prompt at once."""
+    image_cache_bytes: int = 0
+    """Budget of the image-feature cache; 0 keeps nothing."""
+    prefix_cache_bytes: int = 0
+    """Budget of the prefix (KV state) cache; 0 keeps nothing."""
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it works (the worker's metrics implement it); called on the engine thread."""
+
+    def prefill_chunk(self, tokens: int) -> None: ...
+
+    def queued(self, seconds: float) -> None: ...
+
+
 class Engine:
     """Runs every admitted request in one decode loop on a dedicated thread.
 
-    Each loop iteration (1) takes newly submitted requests and prefills them one by one, images
-    included, merging each into the running batch, (2) drops requests that finished or were cancelled,
-    freeing their cache rows, and (3) runs one forward pass that gives every remaining request its
-    next token. Requests thus join and leave at token boundaries while the others keep decoding.
+    Each loop iteration (1) admits newly submitted requests as a prefill group, reusing cached prefix
+    states and image features, (2) advances the groups being prefilled, by at most
+    `chunk_tokens` while other requests decode, and merges each finished group into the running
+    batch, (3) drops requests that finished or were cancelled, keeping their states in the prefix
+    cache, and (4) runs one forward pass that gives every decoding request its next token. Requests
+    thus join and leave at token boundaries while the others keep decoding.
+
+    A model whose cache cannot be split and merged (sliding windows, ...) or whose images cannot be
+    taken apart is prefilled the safe way instead: each such prompt whole, through the model's own
+    forward, not cached.
     """
 
-    def __init__(self, loaded: LoadedModel, max_batch: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch: int,
+        settings: PrefillSettings | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
         self._loaded = loaded
         self._model: Any = loaded.model
         self._max_batch = max_batch
+        self._settings = settings or PrefillSettings()
+        self._observer = observer
         self._submitted: queue.SimpleQueue[_Submission] = queue.SimpleQueue()
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
         self._eos = _eos_token_ids(loaded)
         self.default_top_k = int(getattr(self._model.generation_config, "top_k", 0) or 0)
         """top-k that `generate` would apply when sampling (from the model's generation config)."""
-        self._mergeable: bool | None = None
         pad_id = loaded.tokenizer.pad_token_id
         self._pad_id = int(pad_id if pad_id is not None else loaded.tokenizer.eos_token_id or 0)
+        self._layout = tower_layout(self._model)
+        self.piecewise = _plain_cache(self._model)
+        """Whether prompts are prefilled in groups and chunks, with caches (else one by one, whole)."""
+        self._mergeable: bool | None = True if self.piecewise else None
+        self._groups: list[PrefillGroup] = []
+        self._group_requests: dict[int, list[_Request]] = {}
+        self.image_cache = ImageFeatureCache(self._settings.image_cache_bytes)
+        self.prefix_cache = PrefixCache(self._settings.prefix_cache_bytes if self.piecewise else 0)
         self.steps = 0
         """Decode steps run so far (for tests and metrics)."""
         self.peak_batch = 0
         """Most requests that have decoded together in one step."""
+        self.prefill_chunks = 0
+        """Pieces of prefill work run so far (tower passes and language-model chunks)."""
 
     @property
     def alive(self) -> bool:
@@ -159,23 +216,46 @@ class Engine:
                 except Exception as exc:
                     # A bug here must not strand requests: fail the ones in hand and keep serving.
                     logger.exception("the engine loop failed; failing its current requests")
-                    self._fail_all(active, GenerationError(f"internal engine error: {type(exc).__name__}: {exc}"))
+                    error = GenerationError(f"internal engine error: {type(exc).__name__}: {exc}")
+                    self._fail_all(active, error)
+                    self._fail_groups(error)
                     batch.reset()
+        self._fail_groups(GenerationError("the worker is shutting down"))
         self._fail_all([*active, *waiting], GenerationError("the worker is shutting down"))
 
     def _iterate(self, waiting: deque[_Request], active: list[_Request], batch: DecodeBatch) -> bool:
         """One turn of the loop; False when the engine is asked to stop."""
         # 1. Collect submissions; block only when there is nothing else to do.
-        if not self._collect(waiting, block=not active and not waiting):
+        if not self._collect(waiting, block=not active and not waiting and not self._groups):
             return False
         if self._abort.is_set():
             self._abort.clear()
-            self._fail_all(active, GenerationError("the worker is shutting down"))
-            self._fail_all(list(waiting), GenerationError("the worker is shutting down"))
+            error = GenerationError("the worker is shutting down")
+            self._fail_all(active, error)
+            self._fail_all(list(waiting), error)
+            self._fail_groups(error)
             waiting.clear()
             batch.reset()
             return True
-        # 2. Prefill newcomers while there is room; each joins the batch with its first token.
+        # 2. Admit newcomers while there is room, then advance the prefills.
+        if self.piecewise:
+            self._admit(waiting, active, batch)
+            self._advance_prefills(active, batch)
+        else:
+            self._prefill_whole(waiting, active, batch)
+        # 3. Drop requests that are done; their cache rows go with them (into the prefix cache).
+        keep = [row for row, request in enumerate(active) if not self._settle(request)]
+        if len(keep) != len(active):
+            self._remember(active, batch, set(keep))
+            batch.keep(keep)
+            active[:] = [active[row] for row in keep]
+        # 4. One forward pass: the next token of every active request.
+        if active:
+            self._decode_step(active, batch)
+        return True
+
+    def _prefill_whole(self, waiting: deque[_Request], active: list[_Request], batch: DecodeBatch) -> None:
+        """The safe way: each newcomer's prompt through the model's forward, whole, before the next step."""
         newcomers: list[_Request] = []
         while waiting and len(active) + len(newcomers) < self._room():
             request = waiting.popleft()
@@ -188,15 +268,110 @@ class Engine:
                 newcomers.append(request)
         for group in self._prefill_groups(newcomers):
             active.extend(self._prefill(group, batch))
-        # 3. Drop requests that are done; their cache rows go with them.
-        keep = [row for row, request in enumerate(active) if not self._settle(request)]
-        if len(keep) != len(active):
-            batch.keep(keep)
-            active[:] = [active[row] for row in keep]
-        # 4. One forward pass: the next token of every active request.
-        if active:
-            self._decode_step(active, batch)
-        return True
+
+    def _admit(self, waiting: deque[_Request], active: list[_Request], batch: DecodeBatch) -> None:
+        """Starts a prefill group with the newcomers that fit in the batch."""
+        prefilling = sum(len(group.rows) for group in self._groups)
+        newcomers: list[_Request] = []
+        while waiting and len(active) + prefilling + len(newcomers) < self._max_batch:
+            request = waiting.popleft()
+            if request.cancelled.is_set():
+                self._finish(request, GenerationOutput(finish_reason="cancelled"))
+            elif request.inputs.images is None:
+                # Images the engine cannot take apart: this prompt goes through the forward whole.
+                active.extend(self._prefill([request], batch))
+            else:
+                newcomers.append(request)
+        if not newcomers:
+            return
+        now = time.perf_counter()
+        try:
+            rows = [self._prefill_row(request) for request in newcomers]
+            group = PrefillGroup(self._model, self._layout, rows, self._pad_id, self.image_cache)
+        except Exception as exc:
+            self._fail_all(newcomers, _as_worker_error(exc))
+            return
+        for request in newcomers:
+            if self._observer is not None:
+                self._observer.queued(now - request.submitted_at)
+        self._groups.append(group)
+        self._group_requests[id(group)] = newcomers
+
+    def _prefill_row(self, request: _Request) -> PrefillRow:
+        ids = request.inputs.input_ids.reshape(-1)
+        images = request.inputs.images or ()
+        request.key = SequenceKey(
+            ids.detach().cpu(), tuple(ImageMark(span.start, span.length, span.key) for span in images)
+        )
+        # At least the last prompt token is computed: its logits give the first new token.
+        reused, prefix = self.prefix_cache.lookup(request.key, limit=len(request.key) - 1)
+        request.reused = reused
+        return PrefillRow(ids=ids, images=images, reused=reused, prefix=prefix)
+
+    def _advance_prefills(self, active: list[_Request], batch: DecodeBatch) -> None:
+        """Runs prefill pieces, oldest group first, within the step's budget; merges finished groups.
+
+        The budget holds only while requests decode: with nobody to keep waiting, a prompt goes at once."""
+        budget = self._settings.chunk_tokens if active else None
+        first = True
+        for group in list(self._groups):
+            while not group.finished:
+                try:
+                    used = group.step(budget, first)
+                except Exception as exc:
+                    self._drop_group(group, _as_worker_error(exc))
+                    break
+                if used == 0:
+                    return
+                first = False
+                self.prefill_chunks += 1
+                if self._observer is not None:
+                    self._observer.prefill_chunk(used)
+                if budget is not None:
+                    budget -= used
+                    if budget <= 0 and not group.finished:
+                        return
+            if group.finished:
+                self._join(group, active, batch)
+            if budget is not None and budget <= 0:
+                return
+
+    def _join(self, group: PrefillGroup, active: list[_Request], batch: DecodeBatch) -> None:
+        """A prefilled group joins the decode batch, each row with its first token."""
+        requests = self._group_requests[id(group)]
+        self._forget(group)
+        assert group.first_logits is not None
+        try:
+            tokens = self._choose(group.first_logits, requests)
+        except Exception as exc:
+            self._fail_all(list(requests), _as_worker_error(exc))
+            return
+        batch.add(group.cache, group.attention_mask)
+        for request, token in zip(requests, tokens, strict=True):
+            self._accept(request, token)
+        active.extend(requests)
+
+    def _drop_group(self, group: PrefillGroup, error: WorkerError) -> None:
+        requests = self._group_requests[id(group)]
+        self._forget(group)
+        self._fail_all(list(requests), error)
+
+    def _forget(self, group: PrefillGroup) -> None:
+        self._groups.remove(group)
+        del self._group_requests[id(group)]
+
+    def _fail_groups(self, error: WorkerError) -> None:
+        for group in list(self._groups):
+            self._drop_group(group, error)
+
+    def _remember(self, active: list[_Request], batch: DecodeBatch, staying: set[int]) -> None:
+        """Keeps the KV states of the requests leaving the batch in the prefix cache."""
+        if self.prefix_cache.budget == 0:
+            return
+        for row, request in enumerate(active):
+            if row in staying or request.key is None:
+                continue
+            self.prefix_cache.store(request.key.extended(request.fed), batch.row_states(row))
 
     def _fail_all(self, requests: list[_Request], error: WorkerError) -> None:
         for request in requests:
@@ -268,6 +443,8 @@ class Engine:
         return [text_only, *groups] if text_only else groups
 
     def _decode_step(self, active: list[_Request], batch: DecodeBatch) -> None:
+        for request in active:
+            request.fed.append(request.last_token)
         try:
             output = self._model(**batch.step_inputs([r.last_token for r in active]), logits_to_keep=1)
             tokens = self._choose(output.logits[:, -1, :], active)
@@ -312,7 +489,15 @@ class Engine:
         if reason is None:
             return False
         text = request.accumulator.final_text()
-        self._finish(request, GenerationOutput(text=text, completion_tokens=request.generated, finish_reason=reason))
+        self._finish(
+            request,
+            GenerationOutput(
+                text=text,
+                completion_tokens=request.generated,
+                finish_reason=reason,
+                reused_prompt_tokens=request.reused,
+            ),
+        )
         return True
 
     def _finish(self, request: _Request, final: GenerationOutput) -> None:
@@ -351,6 +536,24 @@ class _Probe:
 
 #: What the submission queue carries from the event loop to the engine thread.
 _Submission = _Request | _Probe | _Signal
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    """Bytes one token's KV states take in the cache, all layers together."""
+    config: Any = loaded.model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    value_bytes = torch.finfo(loaded.dtype).bits // 8 if loaded.dtype.is_floating_point else 2
+    return int(2 * config.num_hidden_layers * heads * head_dim * value_bytes)
+
+
+def _plain_cache(model: Any) -> bool:
+    """Whether the model's cache is plain, unbounded layers, whose rows can be cut, kept and merged."""
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _seeded(seed: int | None, device: torch.device) -> torch.Generator | None:

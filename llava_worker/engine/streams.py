@@ -18,6 +18,8 @@ class GenerationOutput:
     finish_reason: str | None = None
     """None while running; then `stop` (stop string or end of sequence), `length` or `cancelled`."""
     error: BaseException | None = None
+    reused_prompt_tokens: int = 0
+    """Prompt tokens whose KV states came from the prefix cache (set on the final output)."""
 
     @property
     def finished(self) -> bool:

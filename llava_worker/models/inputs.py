@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ import torch
 from llava_worker.errors import ImageError, InvalidRequestError, plural
 from llava_worker.models.images import ImageLimits, decode_image, pad_to_square
 from llava_worker.models.loaded import LoadedModel
+from llava_worker.models.vision import ImageSpan, image_spans
 
 #: The placeholder clients put in the prompt, one per image (LLaVA's convention).
 IMAGE_PLACEHOLDER = "<image>"
@@ -25,6 +26,9 @@ class PreparedInputs:
     """`input_ids`, `attention_mask` and, with images, `pixel_values` (+ `image_sizes`)."""
     prompt_tokens: int
     """Length of `input_ids`, image tokens included: what the prompt takes of the context."""
+    images: tuple[ImageSpan, ...] | None = ()
+    """The prompt's images one by one; None when the model cannot take them apart, and the prompt
+    must run through the model's forward whole (alone, not chunked, not cached)."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -64,13 +68,19 @@ def prepare_inputs(
         except (ValueError, OSError) as exc:
             raise ImageError(f"the images could not be prepared for the model: {exc}") from None
         tensors = dict(encoded)
+    spans = image_spans(loaded.model, tensors)
+    if spans:
+        spans = tuple(
+            replace(span, pixels={name: _on_device(value, loaded) for name, value in span.pixels.items()})
+            for span in spans
+        )
     tensors = {name: _on_device(value, loaded) for name, value in tensors.items()}
     prompt_tokens = int(tensors["input_ids"].shape[-1])
     if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
         raise InvalidRequestError(
             f"the prompt is {prompt_tokens} tokens long (image tokens included); at most {max_prompt_tokens} accepted"
         )
-    return PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens)
+    return PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens, images=spans)
 
 
 def _check_image_count(loaded: LoadedModel, prompt: str, images: int) -> None:

@@ -145,7 +145,7 @@ def test_max_new_tokens_is_capped_at_the_room_left(start_worker, caplog):
     assert 0 < room < 200
     with caplog.at_level(logging.INFO, logger="llava_worker.worker"):
         chunks = worker.generate(greedy(prompt, max_new_tokens=1000))
-        expected_log = f"length, {prompt_tokens} prompt tokens, {room} new tokens"
+        expected_log = f"length, {prompt_tokens} prompt tokens (0 reused), {room} new tokens"
         # The request's log line is written once it has left the engine, a moment after the last chunk.
         wait_until(lambda: any(expected_log in r.message for r in caplog.records), 10, "the request log")
     assert chunks[-1]["text"] == prompt + reference_text(loaded, prompt, [], room)
