@@ -65,10 +65,11 @@ class WorkerConfig:
     """Requests that decode together in one batch; further requests wait in arrival order."""
     stream_interval: int = 1
     """Send a chunk every N generated tokens."""
-    prefill_chunk_tokens: int = 128
-    """While other requests decode, prefill a newcomer's prompt (image tokens included) in pieces of at
-    most this many tokens between two decode steps, so running streams keep their pace; 0 prefills each
-    prompt at once. Smaller pieces mean steadier streams and slower admission."""
+    prefill_chunk_tokens: int | None = None
+    """While requests decode, prefill a newcomer's prompt (image tokens included) in pieces of this many
+    tokens per decode step and waiting request, so running streams keep their pace; 0 prefills each
+    prompt at once. Default: 24 on the CPU (where every prompt token costs about a tenth of a decode
+    step), 512 on a GPU. Smaller pieces mean steadier streams and a later first token for newcomers."""
     image_cache_mb: int = 256
     """Memory (on the model's device) for image features kept by image content, so an image sent again,
     in the next turn of a chat or by another client, skips the vision tower; 0 turns the cache off."""
@@ -186,7 +187,7 @@ def _check_amounts(config: WorkerConfig) -> None:
             raise StartupError(f"{flag} must be positive, not {value}")
     not_negative = {
         "--shutdown-grace": config.shutdown_grace,
-        "--prefill-chunk-tokens": config.prefill_chunk_tokens,
+        "--prefill-chunk-tokens": config.prefill_chunk_tokens or 0,
         "--image-cache-mb": config.image_cache_mb,
         "--prefix-cache-mb": config.prefix_cache_mb,
     }

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llava_worker.admission import AdmissionGate, Slot
 from llava_worker.chunks import KEEPALIVE, StreamChunk
@@ -25,6 +25,9 @@ from llava_worker.models.images import ImageLimits
 from llava_worker.models.inputs import PreparedInputs, prepare_inputs
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, worker_status
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,10 @@ class ModelWorker:
         self.metrics = WorkerMetrics(self.get_queue_length, lambda: self.gate.running)
         # The gate lets at most `limit` requests into the engine, so they all decode in one batch.
         self.engine = Engine(
-            loaded, max_batch=config.limit_model_concurrency, settings=prefill_settings(config), observer=self.metrics
+            loaded,
+            max_batch=config.limit_model_concurrency,
+            settings=prefill_settings(config, loaded.device),
+            observer=self.metrics,
         )
         self.metrics.watch_caches(self.engine.image_cache, self.engine.prefix_cache)
         self.image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels, config.image_format_names)
@@ -116,7 +122,7 @@ class ModelWorker:
         logger.info(
             "prefill: pieces of %s tokens while others decode; image cache %d MiB; prefix cache %d MiB "
             "(a token's KV states take %.1f KiB: about %d tokens)",
-            self.config.prefill_chunk_tokens or "unlimited",
+            self.engine.chunk_tokens or "unlimited",
             self.config.image_cache_mb,
             self.config.prefix_cache_mb,
             per_token / 1024,
@@ -330,11 +336,18 @@ class ModelWorker:
             self.controller.notify()
 
 
-def prefill_settings(config: WorkerConfig) -> PrefillSettings:
-    """The engine's prefill settings from the worker's flags."""
+#: Prompt tokens per decode step and waiting request when `--prefill-chunk-tokens` is not given.
+DEFAULT_CHUNK_TOKENS = {"cpu": 24, "accelerator": 512}
+
+
+def prefill_settings(config: WorkerConfig, device: torch.device) -> PrefillSettings:
+    """The engine's prefill settings from the worker's flags, for a model on `device`."""
+    chunk = config.prefill_chunk_tokens
+    if chunk is None:
+        chunk = DEFAULT_CHUNK_TOKENS["cpu" if device.type == "cpu" else "accelerator"]
     mib = 1 << 20
     return PrefillSettings(
-        chunk_tokens=config.prefill_chunk_tokens or None,
+        chunk_tokens=chunk or None,
         image_cache_bytes=config.image_cache_mb * mib,
         prefix_cache_bytes=config.prefix_cache_mb * mib,
     )

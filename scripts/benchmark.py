@@ -5,6 +5,7 @@
     python scripts/benchmark.py --mode image              # image mode: a tiny LLaVA-1.5, one image per request
     python scripts/benchmark.py --mode vision             # vision mode: LLaVA-1.5-shaped (336 px, 576 image tokens)
     python scripts/benchmark.py --mode vision --profile   # where a single image stream's time goes
+    python scripts/benchmark.py --mode vision --device cuda --llava-7b-shapes   # LLaVA-1.5-7B's shapes on a GPU
 
 Text and image modes print aggregate generated tokens/s, median time to first token (TTFT), median
 time between tokens (TBT) and peak memory for: bare `generate` at batch 1 and batch N, and the
@@ -20,6 +21,13 @@ a 5-turn web-UI conversation (TTFT of turn 5 vs turn 1) and 4 text streams decod
 requests arrive (their longest gap between chunks vs their median gap). With --profile it instead
 times the phases of single image requests inside the worker (and, with --cprofile, profiles each of
 the worker's threads) against bare `generate` at batch 1.
+
+With --device cuda the worker and bare `generate` run on the GPU in float16 (on the CPU both run in
+float32, as the worker chooses), and vision mode instead measures the worker against bare `generate`
+at 1, 8 and 32 concurrent image requests (--levels). --llava-7b-shapes makes that model a random-weight
+LLaVA-1.5 of llava-hf/llava-1.5-7b-hf's exact shapes (CLIP ViT-L/14-336, the two-layer projector,
+Llama-2-7B; 7.06 B parameters), built directly on the GPU in float16 into --checkpoints once (about
+14 GB; no hub access) by `llava_worker/testing/gpu_shapes.py`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import io
 import itertools
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -59,6 +68,9 @@ from llava_worker.testing.tiny import (  # noqa: E402
     build_benchmark_llava15,
     make_test_image,
 )
+
+#: The `--device` choices: the worker picks float32 on the CPU and float16 on a GPU; so does bare `generate`.
+DEVICES = ("cpu", "cuda")
 
 TEXT_PROMPTS = [
     "USER: Tell me a story about the sea. ASSISTANT:",
@@ -161,28 +173,40 @@ def prompts_for(mode: str, count: int) -> list[Item]:
 # -- bare generate, in a child process so its peak memory is its own --------------------------------
 
 
+def bare_load(path: str, image_mode: bool, device: str) -> tuple[Any, Any]:
+    """The processor (or tokenizer) and model, loaded as the worker loads them: float32 on the CPU,
+    float16 on a GPU (placed there as it loads)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    placement: dict[str, Any] = {} if device == "cpu" else {"device_map": device}
+    encoder: Any
+    if image_mode:
+        encoder = AutoProcessor.from_pretrained(path)
+        encoder.tokenizer.padding_side = "left"
+        model: Any = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **placement)
+    else:
+        encoder = AutoTokenizer.from_pretrained(path)
+        encoder.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
+    model.eval()
+    return encoder, model
+
+
 def bare_child(spec: dict[str, Any]) -> dict[str, float]:
     """Runs in its own process: bare `model.generate` over `items`, `batch` prompts at a time."""
     import resource
 
     import torch
     from PIL import Image
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
 
     path, batch, new_tokens = spec["model"], spec["batch"], spec["new_tokens"]
     items: list[tuple[str, str | None]] = spec["items"]
+    device: str = spec.get("device", "cpu")
     image_mode = any(image for _, image in items)
-    encoder: Any
-    if image_mode:
-        encoder = AutoProcessor.from_pretrained(path)
-        encoder.tokenizer.padding_side = "left"
-        model: Any = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    else:
-        encoder = AutoTokenizer.from_pretrained(path)
-        encoder.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
+    encoder, model = bare_load(path, image_mode, device)
 
     class Clock(BaseStreamer):
         """Notes when each step's tokens come out (the first call is the prompt)."""
@@ -203,6 +227,9 @@ def bare_child(spec: dict[str, Any]) -> dict[str, float]:
             inputs = encoder(text=prompts, images=images, return_tensors="pt", padding=True)
         else:
             inputs = encoder(prompts, return_tensors="pt", padding=True)
+        inputs = inputs.to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         clock = Clock()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -213,6 +240,8 @@ def bare_child(spec: dict[str, Any]) -> dict[str, float]:
                 min_new_tokens=new_tokens,
                 streamer=clock if batch == 1 else None,
             )
+        if device == "cuda":
+            torch.cuda.synchronize()
         end = time.perf_counter()
         generated = (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
         return start, end, generated, clock.times[1:]
@@ -233,12 +262,15 @@ def bare_child(spec: dict[str, Any]) -> dict[str, float]:
         # Batch-N generate streams nothing, so it has no per-token timings to report.
         "ttft_ms": 1000 * statistics.median(ttfts) if ttfts else float("nan"),
         "tbt_ms": 1000 * statistics.median(gaps) if gaps else float("nan"),
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # On a GPU, the most GPU memory torch's allocator held (the CUDA context not included).
+        "peak_mib": torch.cuda.max_memory_reserved() / 2**20
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def bare_generate(model: Path, batch: int, new_tokens: int, items: list[Item]) -> Figures:
-    spec = json.dumps({"model": str(model), "batch": batch, "new_tokens": new_tokens, "items": items})
+def bare_generate(model: Path, batch: int, new_tokens: int, items: list[Item], device: str = "cpu") -> Figures:
+    spec = json.dumps({"model": str(model), "batch": batch, "new_tokens": new_tokens, "items": items, "device": device})
     result = subprocess.run(
         # The spec goes by stdin: with images it is far longer than one argument may be.
         [sys.executable, __file__, "--bare-child", "-"],
@@ -262,25 +294,50 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def gpu_mib(pid: int) -> float:
+    """The GPU memory that process `pid` holds now, by nvidia-smi (NaN where it cannot tell). torch's
+    allocator keeps what it has reserved, so after a run this is about the process's peak."""
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        listing = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return float("nan")
+    for line in listing.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid):
+            return float(fields[1])
+    return float("nan")
+
+
 class WorkerProcess:
     """`python -m llava_worker` on a free port; `launcher` replaces `-m llava_worker` (instrumentation)."""
 
-    def __init__(self, model: Path, limit: int, launcher: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: Path,
+        limit: int,
+        launcher: list[str] | None = None,
+        device: str = "cpu",
+        start_timeout: float = 180,
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.device = device
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
         self.process = subprocess.Popen(
             [
                 *(launcher or [sys.executable, "-m", "llava_worker"]),
-                *("--model-path", str(model), "--device", "cpu"),
+                *("--model-path", str(model), "--device", device),
                 *("--no-register", "--host", "127.0.0.1", "--port", str(self.port)),
                 *("--limit-model-concurrency", str(limit)),
+                *extra,
             ],
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SystemExit(f"the worker exited; see {self.log.name}")
@@ -289,9 +346,12 @@ class WorkerProcess:
                 return
             except requests.RequestException:
                 time.sleep(0.2)
-        raise SystemExit(f"the worker did not start in 180 s; see {self.log.name}")
+        raise SystemExit(f"the worker did not start in {start_timeout:.0f} s; see {self.log.name}")
 
     def peak_mib(self) -> float:
+        """Peak resident memory; on a GPU, the GPU memory the worker holds (see `gpu_mib`)."""
+        if self.device == "cuda":
+            return gpu_mib(self.process.pid)
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
@@ -427,15 +487,17 @@ def run_throughput(args: argparse.Namespace) -> None:
             build_benchmark_llama(model)
     else:
         model = build_all(args.checkpoints)["llava-1.5"]
-    items = prompts_for(args.mode, n * args.rounds)
+    items = prompts_for(args.mode, n * (args.rounds or 2))
     print(f"model: {model}  mode: {args.mode}  N={n}  new tokens per request: {new_tokens}  torch threads: default")
     print(f"cpus: {os.cpu_count()}; figures vary with machine load, compare the ratios")
+    if args.device != "cpu":
+        print(f"device: {args.device}, float16; peak MiB is GPU memory (see --help)")
 
     results: dict[str, Figures] = {}
-    results["bare generate, batch 1"] = bare_generate(model, 1, new_tokens, items[: max(4, n // 2)])
-    results[f"bare generate, batch {n}"] = bare_generate(model, n, new_tokens, items)
+    results["bare generate, batch 1"] = bare_generate(model, 1, new_tokens, items[: max(4, n // 2)], args.device)
+    results[f"bare generate, batch {n}"] = bare_generate(model, n, new_tokens, items, args.device)
 
-    worker = WorkerProcess(model, n)
+    worker = WorkerProcess(model, n, device=args.device, extra=shlex.split(args.worker_args))
     try:
         worker_clients(worker.url, 1, items[:1], 8)  # warm-up
         single = worker_clients(worker.url, 1, items[: max(4, n // 2)], new_tokens)
@@ -590,14 +652,14 @@ def run_vision(args: argparse.Namespace) -> None:
     # Distinct images per row: 0.. for one client, 100.. for N clients, 200.. the conversations,
     # 300.. the images that arrive during text streams, 900 the warm-up.
     single = vision_items(args.single_requests, first_seed=0)
-    many = vision_items(n * args.rounds, first_seed=100)
+    many = vision_items(n * (args.rounds or 2), first_seed=100)
     print(f"model: {model}: LLaVA-1.5 shapes (336 px CLIP tower, {BENCH_IMAGE_TOKENS} image tokens), random weights")
     print(f"mode: vision  N={n}  new tokens per request: {new_tokens}  greedy, float32, cpus: {os.cpu_count()}")
     began = time.perf_counter()
     run = VisionRun(n)
     run.figures["bare generate, batch 1"] = bare_generate(model, 1, new_tokens, single)
     run.figures[f"bare generate, batch {n}"] = bare_generate(model, n, new_tokens, many)
-    worker = WorkerProcess(model, n)
+    worker = WorkerProcess(model, n, extra=shlex.split(args.worker_args))
     try:
         worker_clients(worker.url, 1, vision_items(1, first_seed=900), 8)  # warm-up
         timings = worker_clients(worker.url, 1, single, new_tokens)
@@ -677,6 +739,112 @@ def print_vision(run: VisionRun, model: Path) -> None:
     print(f"{'workload (issue 11)':56} {'measured':30} {'ratio':>7}  goal")
     for name, measured, ratio, goal in rows:
         print(f"{name:56} {measured:30} {ratio:7.2f}  {goal}")
+
+
+# -- vision mode on a GPU: concurrency levels, optionally on LLaVA-1.5-7B's shapes -----------------
+
+#: Where --llava-7b-shapes builds its model under --checkpoints (`-tiny` with --tiny-shapes); bump the
+#: stamp when `build_llava15_7b_shapes` changes.
+LLAVA_7B_DIR = "llava-1.5-7b-shapes"
+LLAVA_7B_STAMP = "1\n"
+#: Seconds the worker may take to load a model: 7 B parameters take a while to load onto a GPU.
+LEVELS_WORKER_START = 600
+
+
+def levels_model(args: argparse.Namespace) -> tuple[Path, str]:
+    """The model of the levels run, built once under --checkpoints, and a line that describes it."""
+    if not args.llava_7b_shapes:
+        return vision_model(args.checkpoints), f"LLaVA-1.5 image geometry ({BENCH_IMAGE_TOKENS} image tokens), small"
+    from llava_worker.testing.gpu_shapes import build_llava15_7b_shapes, parameter_count
+
+    args.checkpoints.mkdir(parents=True, exist_ok=True)
+    target = args.checkpoints / (LLAVA_7B_DIR + ("-tiny" if args.tiny_shapes else ""))
+    builder = functools.partial(build_llava15_7b_shapes, device=args.device, tiny=args.tiny_shapes)
+    build_atomically(builder, target, LLAVA_7B_STAMP, force=False)
+    shapes = "tiny widths and depths" if args.tiny_shapes else "CLIP ViT-L/14-336, Llama-2-7B"
+    billions = parameter_count(tiny=args.tiny_shapes) / 1e9
+    return target, f"LLaVA-1.5-7B's architecture ({shapes}; {billions:.3f} B parameters)"
+
+
+def level_requests(args: argparse.Namespace, level: int) -> int:
+    """Requests measured at `level` concurrent requests: --single-requests one after another at 1,
+    else --rounds (default 1 here) per client."""
+    return args.single_requests if level == 1 else level * (args.rounds or 1)
+
+
+def clients_label(level: int) -> str:
+    return f"worker over HTTP, {level} client{'s' if level > 1 else ''}"
+
+
+def progress(began: float, message: str) -> None:
+    print(f"[{time.perf_counter() - began:6.1f} s] {message}", flush=True)
+
+
+def run_vision_levels(args: argparse.Namespace) -> None:
+    """The worker against bare `generate` at each of --levels concurrent image requests (default 1, 8
+    and 32), on --device: one worker whose --limit-model-concurrency is the highest level."""
+    levels, new_tokens = args.levels, args.new_tokens or 48
+    dtype = "float32" if args.device == "cpu" else "float16"
+    began = time.perf_counter()
+    model, description = levels_model(args)
+    built = time.perf_counter()
+    print(f"model: {model}: {description}, random weights")
+    print(
+        f"mode: vision, {', '.join(map(str, levels))} concurrent image requests  new tokens per request: "
+        f"{new_tokens}  greedy, {dtype} on {args.device}  cpus: {os.cpu_count()}"
+    )
+    progress(began, "model ready")
+    # Distinct images per level (1000, 2000, ...), and for each level's warm-up (+500).
+    items = {level: vision_items(level_requests(args, level), 1000 * (i + 1)) for i, level in enumerate(levels)}
+    figures: dict[str, Figures] = {}
+    for level in levels:
+        figures[f"bare generate, batch {level}"] = bare_generate(model, level, new_tokens, items[level], args.device)
+        progress(began, f"bare generate, batch {level}: {figures[f'bare generate, batch {level}'].tokens_per_s:.1f}")
+    worker = WorkerProcess(
+        model, max(levels), device=args.device, start_timeout=LEVELS_WORKER_START, extra=shlex.split(args.worker_args)
+    )
+    try:
+        progress(began, "worker started")
+        for i, level in enumerate(levels):
+            # Warm-up at this level, as bare `generate` warms up at each batch size.
+            worker_clients(worker.url, level, vision_items(level, 1000 * (i + 1) + 500), 8)
+            timings = worker_clients(worker.url, level, items[level], new_tokens)
+            figures[clients_label(level)] = summarise(timings, new_tokens, worker.peak_mib())
+            progress(began, f"{clients_label(level)}: {figures[clients_label(level)].tokens_per_s:.1f}")
+    finally:
+        worker.close()
+    print_levels(figures, levels, args.device)
+    finished = time.perf_counter()
+    print(
+        f"\nthe run took {finished - began:.0f} s: {built - began:.0f} s to build (or find) the model, "
+        f"then {finished - built:.0f} s"
+    )
+
+
+#: Issue 11's goals for the worker's share of bare `generate`'s tokens/s (8's also shown for higher levels).
+LEVEL_GOALS = {1: ">= 0.9", 8: ">= 0.8"}
+
+
+def print_levels(figures: dict[str, Figures], levels: list[int], device: str) -> None:
+    print()
+    print_figures(figures)
+    if device == "cuda":
+        print("(peak MiB on cuda: GPU memory; bare: torch's reserved peak, worker: nvidia-smi after the level)")
+    bare1 = figures[f"bare generate, batch {levels[0]}"].tokens_per_s
+    worker1 = figures[clients_label(levels[0])].tokens_per_s
+    print()
+    print(
+        f"{'concurrent image requests':26} {'worker tok/s':>12} {'bare tok/s':>11} {'worker/bare':>12} "
+        f"{f'worker/w@{levels[0]}':>11} {f'bare/b@{levels[0]}':>11}  goal"
+    )
+    for level in levels:
+        bare = figures[f"bare generate, batch {level}"].tokens_per_s
+        worker = figures[clients_label(level)].tokens_per_s
+        goal = LEVEL_GOALS.get(level, "(>= 0.8)" if level > 8 else "")
+        print(
+            f"{level:<26} {worker:12.1f} {bare:11.1f} {worker / bare:12.2f} "
+            f"{worker / worker1:11.2f} {bare / bare1:11.2f}  {goal}"
+        )
 
 
 # -- vision mode --profile: where a single image stream's time goes ---------------------------------
@@ -952,8 +1120,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mode", choices=["text", "image", "vision"], default="text")
     parser.add_argument("--clients", type=int, default=8, help="N: concurrent clients, batch size, worker limit")
     parser.add_argument("--new-tokens", type=int, help="per request (default: 64; vision mode 48)")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client in the N-client run")
+    parser.add_argument(
+        "--rounds", type=int, help="requests per client in the N-client run (default 2; 1 in the --device cuda levels)"
+    )
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "tiny-checkpoints")
+    parser.add_argument("--worker-args", default="", help='more flags for the worker, e.g. "--prefill-chunk-tokens 64"')
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the worker and bare generate run: float32 on cpu, float16 on cuda (peak MiB is then GPU memory)",
+    )
     vision = parser.add_argument_group("vision mode")
     vision.add_argument("--single-requests", type=int, default=4, help="requests of the 1-client run")
     vision.add_argument("--conversations", type=int, default=2, help="5-turn web-UI conversations, one after another")
@@ -967,8 +1144,53 @@ def parse_args() -> argparse.Namespace:
     vision.add_argument("--profile", action="store_true", help="instead: time the phases of single image requests")
     vision.add_argument("--cprofile", action="store_true", help="with --profile: cProfile every worker thread too")
     vision.add_argument("--top", type=int, default=15, help="functions listed per thread with --cprofile")
+    gpu = parser.add_argument_group("vision mode with --device cuda (or --llava-7b-shapes)")
+    gpu.add_argument(
+        "--levels",
+        type=levels_list,
+        default=[1, 8, 32],
+        help="concurrent image requests measured, comma-separated, the first as the reference (default 1,8,32)",
+    )
+    gpu.add_argument(
+        "--llava-7b-shapes",
+        action="store_true",
+        help="a random-weight model of LLaVA-1.5-7B's exact shapes, built on the GPU in float16 (~14 GB on disk)",
+    )
+    # The same architecture with tiny sizes, to try the --llava-7b-shapes code path on a CPU.
+    gpu.add_argument("--tiny-shapes", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare-child", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    check_args(parser, args)
+    return args
+
+
+def levels_list(text: str) -> list[int]:
+    try:
+        levels = [int(level) for level in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"levels must be at least 1: {text!r}")
+    return levels
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses combinations that would measure something else than asked."""
+    if args.llava_7b_shapes and (args.mode != "vision" or args.profile):
+        parser.error("--llava-7b-shapes is for --mode vision (without --profile)")
+    if args.llava_7b_shapes and args.device != "cuda" and not args.tiny_shapes:
+        parser.error("--llava-7b-shapes needs --device cuda (7 B parameters in float32 on a CPU are no benchmark)")
+    if args.tiny_shapes and not args.llava_7b_shapes:
+        parser.error("--tiny-shapes goes with --llava-7b-shapes")
+    if args.profile and args.device != "cpu":
+        # Its phase timers read the host clock around asynchronous GPU work.
+        parser.error("--profile runs on the CPU only")
+    if args.device == "cuda" and not args.bare_child:
+        import torch
+
+        if not torch.cuda.is_available():
+            # The worker would log a line and quietly run on the CPU.
+            parser.error("--device cuda, but torch sees no CUDA GPU here")
 
 
 def main() -> None:
@@ -982,6 +1204,8 @@ def main() -> None:
         print(json.dumps(bare_child(json.loads(spec))))
     elif args.mode == "vision" and args.profile:
         run_profile(args)
+    elif args.mode == "vision" and (args.device == "cuda" or args.llava_7b_shapes):
+        run_vision_levels(args)
     elif args.mode == "vision":
         run_vision(args)
     else:

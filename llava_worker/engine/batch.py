@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llava_worker.engine.kv_layer import MARGIN, GrowingLayer
+from llava_worker.engine.kv_layer import MARGIN, GrowingLayer, growing_layers
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -42,21 +42,33 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def add(self, cache: DynamicCache, attention_mask: torch.Tensor) -> None:
-        """Appends prefilled requests as the last rows: their cache and their (left-padded) mask."""
+    def add(self, cache: DynamicCache, attention_mask: torch.Tensor) -> bool:
+        """Adds prefilled requests: their cache and their (left-padded) mask. Returns True when
+        their rows come first (their cache took in the running rows), False when they come last."""
         attention_mask = attention_mask.to(device=self._device, dtype=torch.long)
+        positions = [int(length) for length in attention_mask.sum(dim=1).tolist()]
         if self.cache is None or len(self) == 0:
-            self.cache, self.attention_mask = _growing(cache), attention_mask
-        else:
-            total = max(self.attention_mask.shape[1], attention_mask.shape[1])
-            for mine, theirs in zip(cast(list[GrowingLayer], self.cache.layers), _layers(cache), strict=True):
-                keys = _stacked(_states(mine)[0], _states(theirs)[0], total)
-                values = _stacked(_states(mine)[1], _states(theirs)[1], total)
-                mine.adopt(keys, values, total)
+            self.cache, self.attention_mask, self.positions = _growing(cache), attention_mask, positions
+            return False
+        theirs = growing_layers(cache)
+        length = self.attention_mask.shape[1]
+        if theirs is not None and all(layer.can_absorb(len(self), length) for layer in theirs):
+            for layer, mine in zip(theirs, _layers(self.cache), strict=True):
+                layer.absorb(*_states(mine))
+            self.cache = cache
             self.attention_mask = torch.cat(
-                [_pad_left_2d(self.attention_mask, total), _pad_left_2d(attention_mask, total)]
+                [attention_mask, _pad_left_2d(self.attention_mask, attention_mask.shape[1])]
             )
-        self.positions.extend(int(length) for length in attention_mask.sum(dim=1).tolist())
+            self.positions = positions + self.positions
+            return True
+        total = max(length, attention_mask.shape[1])
+        for mine_layer, their_layer in zip(cast(list[GrowingLayer], self.cache.layers), _layers(cache), strict=True):
+            keys = _stacked(_states(mine_layer)[0], _states(their_layer)[0], total)
+            values = _stacked(_states(mine_layer)[1], _states(their_layer)[1], total)
+            mine_layer.adopt(keys, values, total)
+        self.attention_mask = torch.cat([_pad_left_2d(self.attention_mask, total), _pad_left_2d(attention_mask, total)])
+        self.positions.extend(positions)
+        return False
 
     def reset(self) -> None:
         """Drops every row."""

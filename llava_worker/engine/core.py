@@ -152,6 +152,11 @@ class Engine:
         """Pieces of prefill work run so far (tower passes and language-model chunks)."""
 
     @property
+    def chunk_tokens(self) -> int | None:
+        """Prompt tokens per decode step and waiting request while others decode (None: no limit)."""
+        return self._settings.chunk_tokens
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -287,7 +292,9 @@ class Engine:
         now = time.perf_counter()
         try:
             rows = [self._prefill_row(request) for request in newcomers]
-            group = PrefillGroup(self._model, self._layout, rows, self._pad_id, self.image_cache)
+            group = PrefillGroup(
+                self._model, self._layout, rows, self._pad_id, self.image_cache, spare_rows=len(active)
+            )
         except Exception as exc:
             self._fail_all(newcomers, _as_worker_error(exc))
             return
@@ -311,8 +318,10 @@ class Engine:
     def _advance_prefills(self, active: list[_Request], batch: DecodeBatch) -> None:
         """Runs prefill pieces, oldest group first, within the step's budget; merges finished groups.
 
-        The budget holds only while requests decode: with nobody to keep waiting, a prompt goes at once."""
-        budget = self._settings.chunk_tokens if active else None
+        The budget protects the streams already decoding, weighed against the requests still waiting
+        for their first token: it is `chunk_tokens` for each decoding row's share of the waiting rows
+        (one share at least), and there is none when nothing decodes."""
+        budget = self._step_budget(len(active))
         first = True
         for group in list(self._groups):
             while not group.finished:
@@ -336,6 +345,13 @@ class Engine:
             if budget is not None and budget <= 0:
                 return
 
+    def _step_budget(self, decoding: int) -> int | None:
+        chunk = self._settings.chunk_tokens
+        if chunk is None or decoding == 0:
+            return None
+        prefilling = sum(len(group.rows) for group in self._groups)
+        return chunk * max(1, -(-prefilling // decoding))
+
     def _join(self, group: PrefillGroup, active: list[_Request], batch: DecodeBatch) -> None:
         """A prefilled group joins the decode batch, each row with its first token."""
         requests = self._group_requests[id(group)]
@@ -346,10 +362,12 @@ class Engine:
         except Exception as exc:
             self._fail_all(list(requests), _as_worker_error(exc))
             return
-        batch.add(group.cache, group.attention_mask)
+        if batch.add(group.cache, group.attention_mask):
+            active[:0] = requests
+        else:
+            active.extend(requests)
         for request, token in zip(requests, tokens, strict=True):
             self._accept(request, token)
-        active.extend(requests)
 
     def _drop_group(self, group: PrefillGroup, error: WorkerError) -> None:
         requests = self._group_requests[id(group)]
@@ -428,6 +446,7 @@ class Engine:
             for request in requests:
                 self._finish(request, GenerationOutput(error=error))
             return []
+        # A plain DynamicCache never takes in the running rows: these rows come last.
         batch.add(cache, mask)
         for request, token in zip(requests, tokens, strict=True):
             self._accept(request, token)

@@ -58,6 +58,7 @@ class PrefillGroup:
         rows: list[PrefillRow],
         pad_id: int,
         image_cache: ImageFeatureCache,
+        spare_rows: int = 0,
     ) -> None:
         self._model = model
         self._layout = layout
@@ -67,7 +68,11 @@ class PrefillGroup:
         self._prefix_width = max(row.reused for row in rows)
         self._width = max(row.remainder for row in rows)
         # Room for the whole prompt and some decode steps: no copy while the group prefills.
-        self.cache = growing_cache(model.config, planned=self._prefix_width + self._width + MARGIN)
+        # and rows for the requests decoding now, which join this cache when it is done (see kv_layer).
+        self._spare_rows = spare_rows
+        self.cache = growing_cache(
+            model.config, planned=self._prefix_width + self._width + MARGIN, spare_rows=spare_rows
+        )
         self.attention_mask = torch.zeros(
             (len(rows), self._prefix_width + self._width), dtype=torch.long, device=device
         )
@@ -147,6 +152,10 @@ class PrefillGroup:
             self.first_logits = torch.zeros_like(logits)
         self.first_logits[ending] = logits[ending]
         self._done = end
+        # Zero the spare rows in step with the prefill, so the join finds their memory ready.
+        zeroed = (self._prefix_width + self._width) * end // self._width
+        for layer in cast(list[GrowingLayer], self.cache.layers):
+            layer.zero_spare_rows(zeroed)
         if self.finished:
             self._features.clear()
         return rows * columns
@@ -193,11 +202,15 @@ class PrefillGroup:
         # Only plain caches are prefilled piecewise (the engine checks), so every layer is a GrowingLayer.
         for index, layer in enumerate(cast(list[GrowingLayer], self.cache.layers)):
             keys, values = (self._seeded(reference[index][part], index, part, spare) for part in (0, 1))
-            layer.adopt(keys, values, self._prefix_width, spare=spare)
+            layer.adopt(keys, values, self._prefix_width, rows=len(self.rows))
 
     def _seeded(self, like: torch.Tensor, layer: int, part: int, spare: int) -> torch.Tensor:
-        shape = (len(self.rows), like.shape[1], self._prefix_width + spare, like.shape[3])
-        buffer = like.new_zeros(shape)
+        rows = len(self.rows) + self._spare_rows
+        shape = (rows, like.shape[1], self._prefix_width + spare, like.shape[3])
+        # Only the prefix columns of the group's rows are zeroed now: touching fresh memory is slow,
+        # the chunks write the other columns and the spare rows are zeroed along the way.
+        buffer = like.new_empty(shape)
+        buffer[: len(self.rows), :, : self._prefix_width] = 0
         for index, row in enumerate(self.rows):
             if row.prefix is not None:
                 buffer[index, :, self._prefix_width - row.reused : self._prefix_width] = row.prefix[layer][part][0]

@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from llava_worker.config import WorkerConfig
 from llava_worker.engine.batch import DecodeBatch, is_mergeable, left_padded
+from llava_worker.engine.kv_layer import growing_cache
 from llava_worker.models.loaded import LoadedModel
 from tests.support.servers import ModelCache
 
@@ -305,3 +306,43 @@ def test_is_mergeable_only_for_plain_dynamic_caches(
     sliding_cache, _, _ = prefill(sliding, ids["short"])
     assert isinstance(sliding_cache, DynamicCache)
     assert not is_mergeable(sliding_cache)
+
+
+def test_a_group_with_spare_rows_takes_in_the_running_rows_and_every_row_stays_exact(
+    model: Any, ids: dict[str, torch.Tensor]
+) -> None:
+    """The join without copying the newcomer: its cache was allocated with rows for the running
+    requests, which are copied in (right-aligned, zero-padded); the newcomer's rows come first."""
+    batch = DecodeBatch(CPU)
+    solos = [add(model, batch, ids["short"]), add(model, batch, ids["mid"])]
+    step_and_compare(model, batch, solos)
+    # The newcomer is longer than the running rows, as an image prompt is, with two spare rows.
+    newcomer = ids["longest"]
+    cache = growing_cache(model.config, planned=newcomer.shape[1] + 4, spare_rows=2)
+    mask = torch.ones_like(newcomer)
+    output = model(input_ids=newcomer, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+    alone = Solo(model, newcomer)
+    torch.testing.assert_close(output.logits[0, -1], alone.logits, rtol=0, atol=ATOL)
+    assert batch.cache is not None
+    running = [keys.clone() for keys, _ in key_values(batch.cache)]
+    assert batch.add(cache, mask), "the newcomer's cache took in the running rows"
+    assert batch.cache is cache
+    solos.insert(0, alone)
+    assert batch.positions == [solo.length for solo in solos]
+    width = newcomer.shape[1]
+    assert torch.equal(batch.attention_mask, left_padded_mask(batch.positions, width))
+    for (keys, _), before in zip(key_values(cache), running, strict=True):
+        assert keys.shape[0] == 3
+        # The running rows, right-aligned; their new padding is zeros.
+        torch.testing.assert_close(keys[1:, :, width - before.shape[2] :], before, rtol=0, atol=0)
+        assert not keys[1:, :, : width - before.shape[2]].any()
+    for _ in range(3):
+        step_and_compare(model, batch, solos)
+    # Without room (more running rows than spare rows) the newcomer's rows come last, as before.
+    other = growing_cache(model.config, spare_rows=1)
+    mask = torch.ones_like(ids["long"])
+    model(input_ids=ids["long"], attention_mask=mask, cache=other, use_cache=True, logits_to_keep=1)
+    assert not batch.add(other, mask)
+    solos.append(Solo(model, ids["long"]))
+    for _ in range(2):
+        step_and_compare(model, batch, solos)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import logging
 import os
 import signal
 import threading
@@ -26,7 +27,7 @@ from llava_worker.config import WorkerConfig
 from llava_worker.engine.core import _Request
 from llava_worker.engine.streams import RequestStream
 from llava_worker.models.loaded import LoadedModel
-from tests.support.payloads import TEXT_PROMPT, greedy
+from tests.support.payloads import TEXT_PROMPT, encode_image, greedy
 from tests.support.processes import WorkerProcess
 from tests.support.reference import reference_text
 from tests.support.servers import Controller, ModelCache, RunningWorker, stream_chunks, wait_until
@@ -518,3 +519,35 @@ def test_health_ready_and_metrics_report_what_happened(start_worker):
     assert not_ready.json()["status"] == "not ready"
     assert "not running" in not_ready.json()["reason"]
     assert requests.get(worker.url + "/health", timeout=5).status_code == 200
+
+
+def test_a_web_ui_conversation_reuses_its_image_and_history_and_says_so(start_worker, caplog):
+    """LLaVA's web UI re-sends the history and the image every turn: the second turn is answered
+    exactly, from the cached prefix, and `/metrics` and the request's log line show the reuse."""
+    worker: RunningWorker = start_worker("llava-1.5")
+    loaded = worker.worker.loaded
+    image = encode_image(3)
+    first = "A chat between a user and an assistant. USER: <image>\nWhat is shown here? ASSISTANT:"
+    answer = reference_text(loaded, first, [image], 12)
+    assert worker.generate(greedy(first, [image], max_new_tokens=12))[-1]["text"] == first + answer
+    second = f"{first} {answer.strip()}</s>USER: And the colours? ASSISTANT:"
+    with caplog.at_level(logging.INFO, logger="llava_worker.worker"):
+        chunks = worker.generate(greedy(second, [image], max_new_tokens=10))
+        wait_idle(worker)
+    assert chunks[-1]["text"] == second + reference_text(loaded, second, [image], 10)
+    first_tokens = worker.worker.engine.prefix_cache.reused_tokens
+    assert first_tokens > 0
+    assert any(f"({first_tokens} reused)" in record.message for record in caplog.records)
+
+    values = metric_values(worker.url)
+    assert values[("llava_worker_prefix_cache_hits_total", ())] == 1
+    assert values[("llava_worker_prefix_cache_misses_total", ())] == 1
+    assert values[("llava_worker_prefix_reused_tokens_total", ())] == first_tokens
+    assert values[("llava_worker_prefix_cache_bytes", ())] > 0
+    # The second turn's image lies inside the reused prefix: the tower ran once, for the first turn.
+    assert values[("llava_worker_image_cache_misses_total", ())] == 1
+    assert values[("llava_worker_image_cache_bytes", ())] > 0
+    assert values[("llava_worker_queue_time_seconds_count", ())] == 2
+    # Nothing else decodes, so nothing is chunked: the first turn is a tower pass and one language-model
+    # pass, the second one language-model pass over what the prefix does not cover.
+    assert values[("llava_worker_prefill_chunk_tokens_count", ())] == 3
