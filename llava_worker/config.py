@@ -66,9 +66,10 @@ class WorkerConfig:
     stream_interval: int = 1
     """Send a chunk every N generated tokens."""
     prefill_chunk_tokens: int | None = None
-    """While requests decode, prefill a newcomer's prompt (image tokens included) in pieces of this many
-    tokens per decode step and waiting request, so running streams keep their pace; 0 prefills each
-    prompt at once. Default: 24 on the CPU (where every prompt token costs about a tenth of a decode
+    """While requests decode, prefill newcomers' prompts (image tokens included) in pieces of at most
+    this many tokens per decode step, so running streams keep their pace; the piece grows with the
+    square of the ratio of waiting to decoding requests when more wait than decode. 0 prefills each
+    prompt at once. Default: 24 on the CPU (where a prompt token costs about a tenth of a decode
     step), 512 on a GPU. Smaller pieces mean steadier streams and a later first token for newcomers."""
     image_cache_mb: int = 256
     """Memory (on the model's device) for image features kept by image content, so an image sent again,

@@ -29,7 +29,7 @@ from llava_worker.engine.streams import GenerationOutput, RequestStream
 from llava_worker.errors import GenerationError, OutOfMemoryError, WorkerError
 from llava_worker.models.inputs import PreparedInputs
 from llava_worker.models.loaded import LoadedModel
-from llava_worker.models.vision import tower_layout
+from llava_worker.models.vision import tower_layout, tower_share
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class Engine:
         pad_id = loaded.tokenizer.pad_token_id
         self._pad_id = int(pad_id if pad_id is not None else loaded.tokenizer.eos_token_id or 0)
         self._layout = tower_layout(self._model)
+        self._tower_share = tower_share(self._model) if self._layout is not None else 1.0
         self.piecewise = _plain_cache(self._model)
         """Whether prompts are prefilled in groups and chunks, with caches (else one by one, whole)."""
         self._mergeable: bool | None = True if self.piecewise else None
@@ -293,7 +294,13 @@ class Engine:
         try:
             rows = [self._prefill_row(request) for request in newcomers]
             group = PrefillGroup(
-                self._model, self._layout, rows, self._pad_id, self.image_cache, spare_rows=len(active)
+                self._model,
+                self._layout,
+                rows,
+                self._pad_id,
+                self.image_cache,
+                spare_rows=len(active),
+                tower_share=self._tower_share,
             )
         except Exception as exc:
             self._fail_all(newcomers, _as_worker_error(exc))
@@ -319,8 +326,9 @@ class Engine:
         """Runs prefill pieces, oldest group first, within the step's budget; merges finished groups.
 
         The budget protects the streams already decoding, weighed against the requests still waiting
-        for their first token: it is `chunk_tokens` for each decoding row's share of the waiting rows
-        (one share at least), and there is none when nothing decodes."""
+        for their first token: `chunk_tokens` while they are no more than the decoding rows, growing
+        with the square of their ratio beyond (a stall slows few streams and starts many), and none
+        when nothing decodes."""
         budget = self._step_budget(len(active))
         first = True
         for group in list(self._groups):
@@ -350,7 +358,7 @@ class Engine:
         if chunk is None or decoding == 0:
             return None
         prefilling = sum(len(group.rows) for group in self._groups)
-        return chunk * max(1, -(-prefilling // decoding))
+        return chunk * max(1, -(-(prefilling**2) // decoding**2))
 
     def _join(self, group: PrefillGroup, active: list[_Request], batch: DecodeBatch) -> None:
         """A prefilled group joins the decode batch, each row with its first token."""

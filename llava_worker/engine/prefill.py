@@ -17,6 +17,7 @@ holds image tokens is fed as embeddings with the image features spliced in; othe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -59,11 +60,14 @@ class PrefillGroup:
         pad_id: int,
         image_cache: ImageFeatureCache,
         spare_rows: int = 0,
+        tower_share: float = 1.0,
     ) -> None:
         self._model = model
         self._layout = layout
         self.rows = rows
         self._image_cache = image_cache
+        self._tower_share = tower_share
+        """An image token's tower cost in prompt tokens (the budget counts prompt tokens)."""
         device = rows[0].ids.device
         self._prefix_width = max(row.reused for row in rows)
         self._width = max(row.remainder for row in rows)
@@ -113,18 +117,20 @@ class PrefillGroup:
     def _encode_images(self, budget: int | None, first: bool) -> int:
         assert self._layout is not None
         batch: list[ImageSpan] = []
+        cost = 0
         for span in self._pending:
-            if budget is not None and batch and sum(s.length for s in batch) + span.length > budget:
+            span_cost = max(1, math.ceil(span.length * self._tower_share))
+            if budget is not None and batch and cost + span_cost > budget:
                 break
             batch.append(span)
-        taken = sum(span.length for span in batch)
-        if budget is not None and taken > budget and not first:
+            cost += span_cost
+        if budget is not None and cost > budget and not first:
             return 0
         for span, features in zip(batch, encode_images(self._model, self._layout, batch), strict=True):
             self._features[span.key] = features
             self._image_cache.put(span.key, features)
         self._pending = self._pending[len(batch) :]
-        return taken
+        return cost
 
     def _chunk(self, budget: int | None, first: bool) -> int:
         rows = len(self.rows)

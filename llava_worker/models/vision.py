@@ -45,6 +45,21 @@ def tower_layout(model: PreTrainedModel) -> TowerLayout | None:
     return None
 
 
+def tower_share(model: PreTrainedModel) -> float:
+    """What an image token costs in the vision tower and projector, as a share of what a prompt token
+    costs in the language model (their parameter counts: the work per token is about proportional)."""
+    inner: Any = model.model
+    parts: list[Any] = [
+        getattr(inner, name, None) for name in ("vision_tower", "multi_modal_projector", "language_model")
+    ]
+    if any(part is None for part in parts):
+        return 1.0
+    tower, projector, language = parts
+    vision_parameters = sum(p.numel() for module in (tower, projector) for p in module.parameters())
+    language_parameters = sum(p.numel() for p in language.parameters())
+    return float(min(1.0, vision_parameters / max(language_parameters, 1)))
+
+
 def image_token_id(model: PreTrainedModel) -> int | None:
     config = model.config
     value = getattr(config, "image_token_id", None)

@@ -47,7 +47,9 @@ def _cases(kind: str) -> dict[str, tuple[str, list[str]]]:
     ],
 )
 def test_every_request_in_a_batch_gets_what_generate_gives_it_alone(start_worker, kind):
-    worker = start_worker(kind, limit_model_concurrency=4)
+    # Prompts go in large pieces, so the three first requests are all decoding before the first ends
+    # (tests/engine/test_prefill_exactness.py covers small pieces).
+    worker = start_worker(kind, limit_model_concurrency=4, prefill_chunk_tokens=256)
     loaded = worker.worker.loaded
     cases = _cases(kind)
     lengths = {"long": 150, "early-stop": 60, "late": 30, "leaver": 150}
