@@ -851,7 +851,7 @@ def print_levels(figures: dict[str, Figures], levels: list[int], device: str) ->
 
 PARSE = "HTTP: parse the request body"
 PREPARE = "prepare_inputs: decode the image, processor"
-PREFILL = "engine: prefill (tower, LM, first token)"
+PREFILL = "engine: prefill pieces (tower, LM)"
 TOWER = "vision tower + projector"
 DECODE = "engine: decode step"
 STEP_INPUTS = "decode step inputs (mask, positions)"
@@ -862,7 +862,7 @@ ENCODE = "HTTP: encode a chunk"
 PHASES = (
     ("llava_worker.http.app", "parse_generate_params", PARSE),
     ("llava_worker.worker", "prepare_inputs", PREPARE),
-    ("llava_worker.engine.core", "Engine._prefill", PREFILL),
+    ("llava_worker.engine.prefill", "PrefillGroup.step", PREFILL),
     ("transformers.models.llava.modeling_llava", "LlavaModel.get_image_features", TOWER),
     ("llava_worker.engine.core", "Engine._decode_step", DECODE),
     ("llava_worker.engine.batch", "DecodeBatch.step_inputs", STEP_INPUTS),
@@ -992,7 +992,9 @@ def _spans(timing: Timing, events: list[Event]) -> dict[str, float]:
     for label, start, end in mine:
         totals[label] = totals.get(label, 0.0) + end - start
     prepare = next(e for e in mine if e[0] == PREPARE)
-    prefill = next(e for e in mine if e[0] == PREFILL)
+    # The prefill comes in pieces (tower, language-model chunks): from the first one's start to the last one's end.
+    pieces = [e for e in mine if e[0] == PREFILL]
+    prefill = (PREFILL, pieces[0][1], pieces[-1][2])
     steps = [e for e in mine if e[0] == DECODE]
     last = steps[-1][2] if steps else prefill[2]
     stepping = sum(end - start for _, start, end in steps)
