@@ -174,3 +174,31 @@ def test_every_answer_is_what_generate_gives_alone(
         assert finals["other image"].reused_prompt_tokens <= span.start
         if settings.image_cache_bytes:
             assert engine.image_cache.hits >= 1
+
+
+def test_images_that_cannot_be_told_apart_go_whole_with_the_same_output(
+    checkpoints: dict[str, Path], models: ModelCache
+) -> None:
+    """Two images with nothing between them run through the model's own forward (the safe way),
+    beside a request that goes in chunks, and both answer as `generate` does alone."""
+    loaded = loaded_model(checkpoints, models, "llava-1.5")
+    adjacent = Turn("USER: <image><image>\nCompare them. ASSISTANT:", (encode_image(1), encode_image(2)), 12)
+    chunked = first_turn("llava-1.5", "What is shown here?", encode_image(3))
+    assert prepare_inputs(loaded, adjacent.prompt, adjacent.images, ImageLimits()).images is None
+    engine = Engine(loaded, max_batch=4, settings=PrefillSettings(3, 64 * MiB, 64 * MiB))
+    engine.start()
+    finals: list[GenerationOutput] = []
+
+    async def scenario() -> None:
+        running = submit(engine, loaded, chunked)
+        await first_chunk(running)
+        finals.append(await final_of(submit(engine, loaded, adjacent)))
+        finals.append(await final_of(running))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop()
+    for turn, final in zip((adjacent, chunked), finals, strict=True):
+        assert final.text == reference_text(loaded, turn.prompt, list(turn.images), turn.new_tokens)
+    assert finals[0].reused_prompt_tokens == 0
