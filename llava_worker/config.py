@@ -102,6 +102,10 @@ class WorkerConfig:
     """Largest request body, in bytes."""
     max_images: int = 16
     """Most images in one request."""
+    max_stop_strings: int = 32
+    """Most stop strings in one request (OpenAI's API allows 4, LLaVA's web UI sends 1)."""
+    max_stop_length: int = 512
+    """Longest stop string in one request, in characters."""
     max_image_bytes: int = 20 * 1024 * 1024
     """Largest image file in bytes, after base64 decoding."""
     max_image_pixels: int = 40_000_000
@@ -178,6 +182,8 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--keepalive-interval": config.keepalive_interval,
         "--max-request-bytes": config.max_request_bytes,
         "--max-images": config.max_images,
+        "--max-stop-strings": config.max_stop_strings,
+        "--max-stop-length": config.max_stop_length,
         "--max-image-bytes": config.max_image_bytes,
         "--max-image-pixels": config.max_image_pixels,
         "--max-prompt-tokens": config.max_prompt_tokens if config.max_prompt_tokens is not None else 1,

@@ -18,7 +18,7 @@ from llava_worker.engine.core import Engine, PrefillSettings, kv_bytes_per_token
 from llava_worker.engine.requests import GenerationRequest
 from llava_worker.engine.sampling import SamplingParams
 from llava_worker.engine.streams import GenerationOutput
-from llava_worker.errors import ShuttingDownError, outcome_of
+from llava_worker.errors import InvalidRequestError, ShuttingDownError, outcome_of
 from llava_worker.metrics import WorkerMetrics
 from llava_worker.models.chat_prompt import render_prompt
 from llava_worker.models.images import ImageLimits
@@ -213,7 +213,8 @@ class ModelWorker:
         if self.draining:
             raise ShuttingDownError()
         # 2. Decode images and tokenize before taking a slot, so a bad image is refused without
-        #    waiting in line.
+        #    waiting in line (and stop strings are checked first, as they cost nothing to check).
+        self._check_stops(params)
         record = _RequestRecord(request_id)
         inputs = await self._prepare(params)
         record.prompt_tokens = inputs.prompt_tokens
@@ -249,6 +250,19 @@ class ModelWorker:
             self.image_limits,
             self.config.max_prompt_tokens,
         )
+
+    def _check_stops(self, params: GenerateParams) -> None:
+        """Stop strings are matched on the engine thread at every token: their number and length are bounded."""
+        limit, longest = self.config.max_stop_strings, self.config.max_stop_length
+        if len(params.stop) > limit:
+            raise InvalidRequestError(
+                f"too many stop strings: {len(params.stop)} given, at most {limit} accepted (--max-stop-strings)"
+            )
+        over = next((stop for stop in params.stop if len(stop) > longest), None)
+        if over is not None:
+            raise InvalidRequestError(
+                f"a stop string is {len(over)} characters long; at most {longest} accepted (--max-stop-length)"
+            )
 
     def _exceeds_context(self, params: GenerateParams, inputs: PreparedInputs, request_id: str) -> StreamChunk:
         """The original's answer to a prompt that leaves no room for new tokens (not an error)."""

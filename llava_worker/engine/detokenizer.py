@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from llava_worker.engine.decoders import decoder_for
+from llava_worker.engine.stops import StopMatcher
 
 
 class TextAccumulator:
@@ -20,6 +21,7 @@ class TextAccumulator:
         self._decoder = decoder_for(tokenizer)
         self._stream = self._decoder.stream()
         self._stop = tuple(s for s in stop if s)
+        self._matcher = StopMatcher(self._stop) if self._stop else None
         self._ids: list[int] = []
         self._text = ""
         self.stopped = False
@@ -34,18 +36,19 @@ class TextAccumulator:
         """Appends newly generated tokens; ignored once a stop string was hit."""
         if self.stopped:
             return
-        previous_length = len(self._text)
+        added = ""
         for token_id in token_ids:
             self._ids.append(token_id)
-            self._text += self._stream.push(token_id)
-        self._cut_at_stop(previous_length)
+            added += self._stream.push(token_id)
+        self._text += added
+        if self._matcher is not None:
+            self._cut_at(self._matcher.feed(added))
 
     def visible_text(self) -> str:
         """Text safe to send now: everything except a tail that may be the start of a stop string."""
-        if self.stopped or not self._stop:
+        if self.stopped or self._matcher is None:
             return self._text
-        hold = max((_overlap(self._text, stop) for stop in self._stop), default=0)
-        return self._text[: len(self._text) - hold]
+        return self._text[: len(self._text) - self._matcher.pending]
 
     def final_text(self) -> str:
         """The whole answer once generation is over: a full decode of every generated token, cut at
@@ -53,22 +56,11 @@ class TextAccumulator:
         a stop string it is the text before it, which is all settled already."""
         if not self.stopped:
             self._text = self._decoder.decode(self._ids)
-            self._cut_at_stop(0)
+            if self._stop:
+                self._cut_at(StopMatcher(self._stop).feed(self._text))
         return self._text
 
-    def _cut_at_stop(self, previous_length: int) -> None:
-        # A stop string can only be new if it ends in the text just added.
-        longest = max((len(stop) for stop in self._stop), default=0)
-        start = max(0, previous_length - longest + 1)
-        hits = [index for stop in self._stop if (index := self._text.find(stop, start)) >= 0]
-        if hits:
-            self._text = self._text[: min(hits)]
+    def _cut_at(self, stop_start: int | None) -> None:
+        if stop_start is not None:
+            self._text = self._text[:stop_start]
             self.stopped = True
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest proper prefix of `stop` that `text` ends with."""
-    for length in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:length]):
-            return length
-    return 0

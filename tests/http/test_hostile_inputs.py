@@ -267,3 +267,30 @@ def test_unreadable_images_still_get_the_plain_message():
 def test_api_docs_are_off_unless_asked_for(start_worker, path):
     assert requests.get(start_worker("text-only").url + path, timeout=30).status_code == 404
     assert requests.get(start_worker("text-only", serve_api_docs=True).url + path, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [
+        (["s"] * 5, "too many stop strings: 5 given, at most 4 accepted (--max-stop-strings)"),
+        (["x" * 41], "a stop string is 41 characters long; at most 40 accepted (--max-stop-length)"),
+    ],
+    ids=["too-many", "too-long"],
+)
+def test_stop_lists_are_bounded_on_every_route(start_worker, stop, message):
+    """Stop strings are matched at every token on the engine thread: a list past the limits is refused
+    before any work, on the LLaVA route and the OpenAI one, and the worker serves on."""
+    worker = start_worker("text-only", model_name="text-only", max_stop_strings=4, max_stop_length=40)
+    # On the LLaVA route, as every refusal found once the request is read: one error chunk.
+    chunks = worker.generate(greedy(TEXT_PROMPT, max_new_tokens=4, stop=stop))
+    assert len(chunks) == 1 and chunks[0]["error_code"] == 1 and chunks[0]["text"] == message
+    body = {"model": "text-only", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stop": stop}
+    answer = requests.post(worker.url + "/v1/chat/completions", json=body, timeout=60)
+    assert answer.status_code == 400, answer.text[:200]
+    assert answer.json()["error"]["message"] == message
+    # Within the limits a stop list is honoured, however it is split across tokens.
+    full = worker.generate(greedy(TEXT_PROMPT, max_new_tokens=12))[-1]["text"].removeprefix(TEXT_PROMPT)
+    stops = ["never there", full[3:6], full[5:9]]
+    cut = worker.generate(greedy(TEXT_PROMPT, max_new_tokens=12, stop=stops))[-1]["text"].removeprefix(TEXT_PROMPT)
+    assert cut == full[:3]
+    assert_serves_afterwards(worker)
