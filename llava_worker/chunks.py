@@ -14,6 +14,8 @@ class StreamChunk:
     finish_reason: str | None = None
     """None while running; then `stop`, `length`, `cancelled` or `exceeds_context`."""
     prompt_tokens: int = 0
+    error_code: int = 0
+    """With finish reason `error`: the protocol's error code (1, or FastChat's 42903 when overloaded)."""
 
 
 #: Yielded while the request waits for a slot; each dialect sends it as bytes its clients skip.

@@ -63,6 +63,9 @@ class WorkerConfig:
     is detected from the model)."""
     limit_model_concurrency: int = 5
     """Requests that decode together in one batch; further requests wait in arrival order."""
+    max_queue: int = 256
+    """Most requests waiting for a slot; further ones are refused at once (HTTP 429, FastChat's error
+    code 42903) instead of waiting without end."""
     stream_interval: int = 1
     """Send a chunk every N generated tokens."""
     prefill_chunk_tokens: int | None = None
@@ -182,6 +185,7 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--keepalive-interval": config.keepalive_interval,
         "--max-request-bytes": config.max_request_bytes,
         "--max-images": config.max_images,
+        "--max-queue": config.max_queue,
         "--max-stop-strings": config.max_stop_strings,
         "--max-stop-length": config.max_stop_length,
         "--max-image-bytes": config.max_image_bytes,

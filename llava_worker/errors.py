@@ -34,6 +34,16 @@ class ShuttingDownError(GenerationError):
         super().__init__("the worker is shutting down; send the request again (to another worker)")
 
 
+class QueueFullError(WorkerError):
+    """Too many requests are waiting for a slot; this one is refused rather than queued without end."""
+
+    def __init__(self, waiting: int, limit: int) -> None:
+        super().__init__(
+            f"the worker is overloaded: {waiting} requests are already waiting for a slot (at most {limit}, "
+            "--max-queue); send the request again later"
+        )
+
+
 class StartupError(Exception):
     """The worker cannot start with the given settings; the message is one line for the user."""
 
@@ -41,10 +51,10 @@ class StartupError(Exception):
 def outcome_of(error: BaseException) -> str:
     """The `outcome` label a request that failed with `error` is counted under in the metrics.
 
-    `rejected`: refused because the worker is draining; `invalid`: the request itself is wrong
+    `rejected`: refused because the worker is draining or its queue is full; `invalid`: the request itself is wrong
     (its body, parameters or images), found before or after it took a slot; `error`: anything else.
     """
-    if isinstance(error, ShuttingDownError):
+    if isinstance(error, (ShuttingDownError, QueueFullError)):
         return "rejected"
     if isinstance(error, (InvalidRequestError, ImageError)):
         return "invalid"

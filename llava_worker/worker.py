@@ -18,7 +18,7 @@ from llava_worker.engine.core import Engine, PrefillSettings, kv_bytes_per_token
 from llava_worker.engine.requests import GenerationRequest
 from llava_worker.engine.sampling import SamplingParams
 from llava_worker.engine.streams import GenerationOutput
-from llava_worker.errors import InvalidRequestError, ShuttingDownError, outcome_of
+from llava_worker.errors import InvalidRequestError, QueueFullError, ShuttingDownError, outcome_of
 from llava_worker.metrics import WorkerMetrics
 from llava_worker.models.chat_prompt import render_prompt
 from llava_worker.models.images import ImageLimits
@@ -209,9 +209,10 @@ class ModelWorker:
             self.metrics.count(outcome)
 
     async def _answer(self, params: GenerateParams, request_id: str) -> AsyncGenerator[StreamChunk, None]:
-        # 1. Refuse new work while draining.
+        # 1. Refuse new work while draining, or while too many requests wait already.
         if self.draining:
             raise ShuttingDownError()
+        self.check_queue()
         # 2. Decode images and tokenize before taking a slot, so a bad image is refused without
         #    waiting in line (and stop strings are checked first, as they cost nothing to check).
         self._check_stops(params)
@@ -225,6 +226,7 @@ class ModelWorker:
             return
         # 4. Wait for a slot, with a keepalive at once and then every `keepalive_interval` seconds, so
         #    the client gets a byte (and, with servers that hold headers back, its headers) meanwhile.
+        self.check_queue()  # again: the queue may have grown while this request was prepared
         self._notify_controller()  # the queue grows now; the heartbeat runs on its own task
         acquiring = asyncio.ensure_future(self.gate.acquire())
         try:
@@ -250,6 +252,11 @@ class ModelWorker:
             self.image_limits,
             self.config.max_prompt_tokens,
         )
+
+    def check_queue(self) -> None:
+        """Refuses a request when `--max-queue` requests already wait for a slot."""
+        if self.gate.waiting >= self.config.max_queue:
+            raise QueueFullError(self.gate.waiting, self.config.max_queue)
 
     def _check_stops(self, params: GenerateParams) -> None:
         """Stop strings are matched on the engine thread at every token: their number and length are bounded."""

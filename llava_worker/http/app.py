@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from llava_worker.errors import InvalidRequestError, ShuttingDownError, outcome_of
+from llava_worker.errors import InvalidRequestError, QueueFullError, ShuttingDownError, outcome_of
 from llava_worker.http.body import parse_body, read_body
 from llava_worker.http.disconnects import ClientDisconnected, gone_response, while_connected
 from llava_worker.http.failures import (
@@ -62,9 +62,10 @@ async def _parse(request: Request, worker: ModelWorker) -> GenerateParams:
     try:
         if worker.draining:
             raise ShuttingDownError()
+        worker.check_queue()
         body = await read_body(request, worker.config.max_request_bytes)
         return await parse_body(body, partial(parse_generate_params, max_images=worker.config.max_images))
-    except (InvalidRequestError, ShuttingDownError) as exc:
+    except (InvalidRequestError, ShuttingDownError, QueueFullError) as exc:
         worker.metrics.count(outcome_of(exc))
         raise
 
@@ -78,7 +79,7 @@ def _generate_router(worker: ModelWorker) -> APIRouter:
         request_id = new_request_id()
         try:
             params = await _parse(request, worker)
-        except (InvalidRequestError, ShuttingDownError) as exc:
+        except (InvalidRequestError, ShuttingDownError, QueueFullError) as exc:
             # Still a stream, so every client parses the refusal the usual way.
             return StreamingResponse(_single(refusal_chunk(exc, request_id)), status_code=refusal_status(exc))
         return StreamingResponse(stream_bytes(worker, params, request_id))
@@ -100,7 +101,7 @@ def _fastchat_router(worker: ModelWorker) -> APIRouter:
         request_id = new_request_id()
         try:
             params = await _parse(request, worker)
-        except (InvalidRequestError, ShuttingDownError) as exc:
+        except (InvalidRequestError, ShuttingDownError, QueueFullError) as exc:
             return JSONResponse(refusal_body(exc, request_id))
         try:
             return JSONResponse(await while_connected(request, final_body(worker, params, request_id)))

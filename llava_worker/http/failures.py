@@ -10,7 +10,14 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from llava_worker.chunks import StreamChunk
-from llava_worker.errors import ImageError, InvalidJSONError, InvalidRequestError, ShuttingDownError, WorkerError
+from llava_worker.errors import (
+    ImageError,
+    InvalidJSONError,
+    InvalidRequestError,
+    QueueFullError,
+    ShuttingDownError,
+    WorkerError,
+)
 from llava_worker.http.openai_requests import RequestError
 from llava_worker.protocol import encode_chunk
 
@@ -31,28 +38,39 @@ def describe_failure(exc: BaseException, request_id: str) -> str:
     return f"internal error ({type(exc).__name__}: {exc}); request id {request_id}"
 
 
-# The LLaVA and FastChat routes: an error is a chunk with error code 1.
+# The LLaVA and FastChat routes: an error is a chunk with error code 1 (LLaVA's clients only check
+# that it is not 0), or FastChat's ENGINE_OVERLOADED when the queue is full.
+
+#: FastChat's `ErrorCode.ENGINE_OVERLOADED`.
+ENGINE_OVERLOADED = 42903
+
+
+def error_code_of(exc: BaseException) -> int:
+    return ENGINE_OVERLOADED if isinstance(exc, QueueFullError) else 1
 
 
 def failure_chunk(exc: BaseException, request_id: str) -> StreamChunk:
-    """The last chunk of a stream that failed after it started (its error code is 1)."""
-    return StreamChunk(describe_failure(exc, request_id), finish_reason="error")
+    """The last chunk of a stream that failed after it started."""
+    return StreamChunk(describe_failure(exc, request_id), finish_reason="error", error_code=error_code_of(exc))
 
 
 def refusal_chunk(exc: BaseException, request_id: str) -> bytes:
     """The whole body of a `/worker_generate_stream` request refused before it took a slot."""
-    return encode_chunk(describe_failure(exc, request_id), error_code=1)
+    return encode_chunk(describe_failure(exc, request_id), error_code=error_code_of(exc))
 
 
 def refusal_status(exc: BaseException) -> int:
-    """The HTTP status of a refused LLaVA request: 503 while draining (try another worker), else 400."""
-    return 503 if isinstance(exc, ShuttingDownError) else 400
+    """The HTTP status of a refused LLaVA request: 503 while draining (try another worker), 429 when
+    the queue is full (try later), else 400."""
+    if isinstance(exc, ShuttingDownError):
+        return 503
+    return 429 if isinstance(exc, QueueFullError) else 400
 
 
 def refusal_body(exc: BaseException, request_id: str) -> dict[str, Any]:
     """FastChat's `/worker_generate` refusal, sent with status 200 as FastChat's own workers send it:
     its API server drops the body of any other status."""
-    return {"text": describe_failure(exc, request_id), "error_code": 1}
+    return {"text": describe_failure(exc, request_id), "error_code": error_code_of(exc)}
 
 
 def count_token_refusal(exc: BaseException, request_id: str) -> JSONResponse:
@@ -73,6 +91,8 @@ def openai_error(exc: BaseException, request_id: str) -> tuple[int, dict[str, An
         status, kind, param, code = exc.status, "invalid_request_error", exc.param, exc.code
     elif isinstance(exc, ShuttingDownError):
         status, kind, code = 503, "server_error", "shutting_down"
+    elif isinstance(exc, QueueFullError):
+        status, kind, code = 429, "rate_limit_error", "queue_full"
     elif isinstance(exc, (InvalidRequestError, ImageError)):
         status, kind = 400, "invalid_request_error"
         code = "invalid_json" if isinstance(exc, InvalidJSONError) else None

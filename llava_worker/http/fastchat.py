@@ -55,7 +55,7 @@ async def _chunks_or_failure(
 
 def _wire(chunk: StreamChunk, params: GenerateParams) -> tuple[str, int, dict[str, Any] | None]:
     """Text, error code and (for FastChat) the extra fields of one chunk."""
-    error_code = 1 if chunk.finish_reason == "error" else 0
+    error_code = (chunk.error_code or 1) if chunk.finish_reason == "error" else 0
     if not params.extended:
         return chunk.text, error_code, None
     # FastChat knows "stop" and "length"; running out of context is a length limit too.

@@ -294,3 +294,61 @@ def test_stop_lists_are_bounded_on_every_route(start_worker, stop, message):
     cut = worker.generate(greedy(TEXT_PROMPT, max_new_tokens=12, stop=stops))[-1]["text"].removeprefix(TEXT_PROMPT)
     assert cut == full[:3]
     assert_serves_afterwards(worker)
+
+
+class HeldModel:
+    """The engine's model, holding its first decode step until released (bounded), so a request keeps
+    its slot for as long as the test needs."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, **kwargs: Any) -> Any:
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if tokens is not None and tokens.shape[1] == 1 and not self.release.is_set():
+            self.holding.set()
+            self.release.wait(30)
+        return self._model(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def test_a_full_queue_refuses_at_once_and_the_others_are_served(start_worker):
+    worker = start_worker("text-only", model_name="text-only", limit_model_concurrency=1, max_queue=1)
+    held = HeldModel(worker.worker.engine._model)
+    worker.worker.engine._model = held
+    results: dict[str, Any] = {}
+
+    def run(name: str) -> None:
+        results[name] = worker.generate(greedy(TEXT_PROMPT, max_new_tokens=4))
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("running", "waiting")]
+    try:
+        threads[0].start()
+        assert held.holding.wait(30), "the first request holds the slot"
+        threads[1].start()
+        deadline = time.monotonic() + 30
+        while worker.worker.gate.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.worker.gate.waiting == 1
+        message = "the worker is overloaded: 1 requests are already waiting for a slot (at most 1, --max-queue)"
+        # The LLaVA/FastChat stream: 429 and FastChat's ENGINE_OVERLOADED code, at once.
+        status, chunks = stream_refusal(worker, json.dumps(greedy(TEXT_PROMPT, max_new_tokens=4)).encode())
+        assert status == 429 and chunks[0]["error_code"] == 42903 and chunks[0]["text"].startswith(message)
+        body: dict[str, Any] = {"model": "text-only", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        answer = requests.post(worker.url + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 429, answer.text[:200]
+        assert answer.json()["error"]["code"] == "queue_full"
+        fastchat = requests.post(
+            worker.url + "/worker_generate", json=greedy(TEXT_PROMPT, max_new_tokens=4), timeout=60
+        )
+        assert fastchat.json()["error_code"] == 42903
+    finally:
+        held.release.set()
+        for thread in threads:
+            thread.join(60)
+    assert [results[name][-1]["error_code"] for name in ("running", "waiting")] == [0, 0]
+    assert_serves_afterwards(worker)
