@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -30,9 +31,38 @@ class ImageLimits:
     """Pillow's names of the file formats decoded; no other decoder ever reads a request's bytes."""
 
 
-def decode_image(encoded: str, index: int, limits: ImageLimits) -> Image.Image:
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model's image preprocessing does to an image's size: known before decoding, so an
+    image whose preprocessing would blow up (a 1 x 300000 strip resized by its short side, or padded
+    to a square) is refused before any of that memory is spent."""
+
+    pads_to_square: bool = False
+    """Centred on a square of its longer side first (`--pad-images`, original `pad` checkpoints)."""
+    shortest_edge: int | None = None
+    """Resized so that its shorter side has this many pixels (CLIP's preprocessing)."""
+
+    def largest(self, width: int, height: int) -> tuple[int, int, str] | None:
+        """The largest intermediate image, (width, height, what makes it), when it exceeds the input."""
+        found: tuple[int, int, str] | None = None
+        if self.pads_to_square and width != height:
+            side = max(width, height)
+            found, width, height = (side, side, "padded to a square"), side, side
+        if self.shortest_edge is not None:
+            short = min(width, height)
+            scale = self.shortest_edge / short
+            resized = (math.ceil(width * scale), math.ceil(height * scale))
+            if resized[0] * resized[1] > width * height:
+                found = (*resized, f"resized so that its shorter side is {self.shortest_edge} px")
+        return found
+
+
+def decode_image(
+    encoded: str, index: int, limits: ImageLimits, preprocessing: Preprocessing | None = None
+) -> Image.Image:
     """One image from its base64 text, turned upright as its EXIF orientation says; `index` (0-based)
-    names it in errors."""
+    names it in errors. An image too large as sent, or as `preprocessing` would make it, is refused
+    from its header, before it is decoded."""
     label = f"image {index + 1}"
     raw = _file_bytes(encoded, label, limits)
     try:
@@ -44,6 +74,7 @@ def decode_image(encoded: str, index: int, limits: ImageLimits) -> Image.Image:
                     f"{label} has {width}x{height} = {width * height} pixels, more than the "
                     f"{limits.max_pixels} accepted"
                 )
+            _check_preprocessed_size(label, width, height, limits, preprocessing or Preprocessing())
             # load() decodes every pixel now, so a truncated file fails here rather than in the model.
             opened.load()
             # Phones store a photo as the sensor saw it and say in EXIF how to turn it; the model
@@ -58,6 +89,20 @@ def decode_image(encoded: str, index: int, limits: ImageLimits) -> Image.Image:
         raise ImageError(_unreadable(label, raw, limits.formats)) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{label} could not be decoded: {exc}") from None
+
+
+def _check_preprocessed_size(
+    label: str, width: int, height: int, limits: ImageLimits, preprocessing: Preprocessing
+) -> None:
+    largest = preprocessing.largest(width, height)
+    if largest is None:
+        return
+    new_width, new_height, how = largest
+    if new_width * new_height > limits.max_pixels:
+        raise ImageError(
+            f"{label} is {width}x{height}; {how}, it would be {new_width}x{new_height} = "
+            f"{new_width * new_height} pixels, more than the {limits.max_pixels} accepted"
+        )
 
 
 def _file_bytes(encoded: str, label: str, limits: ImageLimits) -> bytes:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from llava_worker.errors import ImageError, InvalidRequestError, plural
-from llava_worker.models.images import ImageLimits, decode_image, pad_to_square
+from llava_worker.models.images import ImageLimits, Preprocessing, decode_image, pad_to_square
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.models.vision import ImageSpan, image_spans
 
@@ -55,7 +55,8 @@ def prepare_inputs(
         encoded = loaded.tokenizer(prompt, return_tensors="pt")
         tensors = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     else:
-        images = [decode_image(data, index, image_limits) for index, data in enumerate(encoded_images)]
+        preprocessing = preprocessing_of(loaded)
+        images = [decode_image(data, index, image_limits, preprocessing) for index, data in enumerate(encoded_images)]
         if loaded.square_pad_colour is not None:
             images = [pad_to_square(image, loaded.square_pad_colour) for image in images]
         text = prompt
@@ -81,6 +82,22 @@ def prepare_inputs(
             f"the prompt is {prompt_tokens} tokens long (image tokens included); at most {max_prompt_tokens} accepted"
         )
     return PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens, images=spans)
+
+
+def preprocessing_of(loaded: LoadedModel) -> Preprocessing:
+    """What the model's processor does to an image's size (see `Preprocessing`)."""
+    processor = loaded.processor
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    # A SizeDict in transformers 5 (attributes), a plain dict in some processors.
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    # Original checkpoints say in their config whether they pad (`image_aspect_ratio: pad`).
+    checkpoint = getattr(processor, "checkpoint", None)
+    original_pads = bool(getattr(checkpoint, "pads_to_square", False)) and not getattr(checkpoint, "anyres", False)
+    return Preprocessing(
+        pads_to_square=loaded.square_pad_colour is not None or original_pads,
+        shortest_edge=int(shortest) if shortest else None,
+    )
 
 
 def _check_image_count(loaded: LoadedModel, prompt: str, images: int) -> None:

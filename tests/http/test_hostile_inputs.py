@@ -352,3 +352,47 @@ def test_a_full_queue_refuses_at_once_and_the_others_are_served(start_worker):
             thread.join(60)
     assert [results[name][-1]["error_code"] for name in ("running", "waiting")] == [0, 0]
     assert_serves_afterwards(worker)
+
+
+def thin_png(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 255).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings", "size", "message"),
+    [
+        (
+            "llava-1.5",
+            {},
+            (1, 300_000),
+            "image 1 is 1x300000; resized so that its shorter side is 32 px, it would be 32x9600000 = 307200000 "
+            "pixels, more than the 40000000 accepted",
+        ),
+        (
+            "llava-1.5",
+            {"pad_images": True},
+            (15_000, 1),
+            "image 1 is 15000x1; padded to a square, it would be 15000x15000 = 225000000 pixels, more than the "
+            "40000000 accepted",
+        ),
+        (
+            "llava-next",
+            {},
+            (200_000, 1),
+            "image 1 is 200000x1; resized so that its shorter side is 32 px, it would be 6400000x32 = 204800000 "
+            "pixels, more than the 40000000 accepted",
+        ),
+    ],
+    ids=["shortest-edge", "pad-to-square", "llava-next"],
+)
+def test_thin_images_are_refused_before_preprocessing_blows_them_up(start_worker, kind, settings, size, message):
+    """A strip of a few hundred bytes within the pixel limit would become gigabytes once resized by its
+    short side or padded to a square: it is refused from its header, and the worker serves on."""
+    worker = start_worker(kind, **settings)
+    image = thin_png(*size)
+    assert len(image) < 2000
+    chunks = worker.generate(greedy(PROMPT_1, [image], max_new_tokens=4))
+    assert chunks == [{"text": message, "error_code": 1}]
+    assert worker.generate(greedy(PROMPT_1, [encode_image(1)], max_new_tokens=4))[-1]["error_code"] == 0
