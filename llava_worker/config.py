@@ -113,6 +113,12 @@ class WorkerConfig:
     """Largest image file in bytes, after base64 decoding."""
     max_image_pixels: int = 40_000_000
     """Most pixels (width × height) in one image, checked from its header before it is decoded."""
+    max_request_pixels: int = 80_000_000
+    """Most pixels in all the images of one request together, checked from their headers before any
+    is decoded."""
+    image_decoders: int = 2
+    """Images decoded at the same time, all requests together; the others wait their turn, so a burst
+    of large images cannot take every core and all the memory at once."""
     image_formats: str = DEFAULT_IMAGE_FORMATS
     """Image file formats the worker decodes, comma-separated, as Pillow names them (e.g. `PNG,JPEG,TIFF`).
     Other files are refused before any decoder reads them, which keeps Pillow's rarely used decoders (and
@@ -190,6 +196,8 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--max-stop-length": config.max_stop_length,
         "--max-image-bytes": config.max_image_bytes,
         "--max-image-pixels": config.max_image_pixels,
+        "--max-request-pixels": config.max_request_pixels,
+        "--image-decoders": config.image_decoders,
         "--max-prompt-tokens": config.max_prompt_tokens if config.max_prompt_tokens is not None else 1,
         "--remote-image-timeout": config.remote_image_timeout,
     }

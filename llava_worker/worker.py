@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -77,7 +78,10 @@ class ModelWorker:
             observer=self.metrics,
         )
         self.metrics.watch_caches(self.engine.image_cache, self.engine.prefix_cache)
-        self.image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels, config.image_format_names)
+        self.image_limits = ImageLimits(
+            config.max_image_bytes, config.max_image_pixels, config.max_request_pixels, config.image_format_names
+        )
+        self.image_decoders = threading.BoundedSemaphore(config.image_decoders)
         self.draining = False
         self.controller: ControllerLink | None = None
         if not config.no_register:
@@ -251,6 +255,7 @@ class ModelWorker:
             params.images,
             self.image_limits,
             self.config.max_prompt_tokens,
+            self.image_decoders,
         )
 
     def check_queue(self) -> None:

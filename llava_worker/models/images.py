@@ -6,7 +6,9 @@ import base64
 import binascii
 import io
 import math
+import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,6 +29,8 @@ class ImageLimits:
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    max_request_pixels: int = 80_000_000
+    """All the images of one request together."""
     formats: tuple[str, ...] = parse_image_formats(DEFAULT_IMAGE_FORMATS)
     """Pillow's names of the file formats decoded; no other decoder ever reads a request's bytes."""
 
@@ -63,18 +67,64 @@ def decode_image(
     """One image from its base64 text, turned upright as its EXIF orientation says; `index` (0-based)
     names it in errors. An image too large as sent, or as `preprocessing` would make it, is refused
     from its header, before it is decoded."""
-    label = f"image {index + 1}"
+    return decode_images([encoded], limits, preprocessing, first_index=index)[0]
+
+
+def decode_images(
+    encoded: Sequence[str],
+    limits: ImageLimits,
+    preprocessing: Preprocessing | None = None,
+    decoders: threading.Semaphore | None = None,
+    first_index: int = 0,
+) -> list[Image.Image]:
+    """The images of one request. Every header is read and checked first (each image's size and
+    what preprocessing would make of it, and all their pixels together), so nothing is decoded for
+    a request that will be refused; `decoders` bounds how many images decode at once, all requests
+    together."""
+    opened = [
+        _open(data, f"image {first_index + index + 1}", limits, preprocessing or Preprocessing())
+        for index, data in enumerate(encoded)
+    ]
+    total = sum(width * height for _, _, width, height in opened)
+    if len(opened) > 1 and total > limits.max_request_pixels:
+        raise ImageError(
+            f"the request's {len(opened)} images have {total} pixels in all, more than the "
+            f"{limits.max_request_pixels} accepted"
+        )
+    images = []
+    for raw, label, _, _ in opened:
+        if decoders is None:
+            images.append(_decode(raw, label, limits))
+        else:
+            with decoders:
+                images.append(_decode(raw, label, limits))
+    return images
+
+
+def _open(encoded: str, label: str, limits: ImageLimits, preprocessing: Preprocessing) -> tuple[bytes, str, int, int]:
+    """The image's file bytes and size, from its header alone; refused when too large."""
     raw = _file_bytes(encoded, label, limits)
     try:
         with Image.open(io.BytesIO(raw), formats=limits.formats) as opened:
-            # open() has read only the header: a decompression bomb is refused before it is decoded.
             width, height = opened.size
-            if width * height > limits.max_pixels:
-                raise ImageError(
-                    f"{label} has {width}x{height} = {width * height} pixels, more than the "
-                    f"{limits.max_pixels} accepted"
-                )
-            _check_preprocessed_size(label, width, height, limits, preprocessing or Preprocessing())
+    except Image.DecompressionBombError:
+        # PIL's own guard, for sizes far beyond any sensible limit, fires already in open().
+        raise ImageError(f"{label} has far more than the {limits.max_pixels} pixels accepted") from None
+    except UnidentifiedImageError:
+        raise ImageError(_unreadable(label, raw, limits.formats)) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{label} could not be decoded: {exc}") from None
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"{label} has {width}x{height} = {width * height} pixels, more than the {limits.max_pixels} accepted"
+        )
+    _check_preprocessed_size(label, width, height, limits, preprocessing)
+    return raw, label, width, height
+
+
+def _decode(raw: bytes, label: str, limits: ImageLimits) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(raw), formats=limits.formats) as opened:
             # load() decodes every pixel now, so a truncated file fails here rather than in the model.
             opened.load()
             # Phones store a photo as the sensor saw it and say in EXIF how to turn it; the model
@@ -82,11 +132,6 @@ def decode_image(
             ImageOps.exif_transpose(opened, in_place=True)
             # The model expects three channels; palette, greyscale and alpha images are converted.
             return opened.convert("RGB")
-    except Image.DecompressionBombError:
-        # PIL's own guard, for sizes far beyond any sensible limit, fires already in open().
-        raise ImageError(f"{label} has far more than the {limits.max_pixels} pixels accepted") from None
-    except UnidentifiedImageError:
-        raise ImageError(_unreadable(label, raw, limits.formats)) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{label} could not be decoded: {exc}") from None
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from llava_worker.errors import ImageError, InvalidRequestError, plural
-from llava_worker.models.images import ImageLimits, Preprocessing, decode_image, pad_to_square
+from llava_worker.models.images import ImageLimits, Preprocessing, decode_images, pad_to_square
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.models.vision import ImageSpan, image_spans
 
@@ -42,6 +43,7 @@ def prepare_inputs(
     encoded_images: tuple[str, ...],
     image_limits: ImageLimits,
     max_prompt_tokens: int | None = None,
+    decoders: threading.Semaphore | None = None,
 ) -> PreparedInputs:
     """Validates the images against the prompt and builds the model's inputs.
 
@@ -55,8 +57,7 @@ def prepare_inputs(
         encoded = loaded.tokenizer(prompt, return_tensors="pt")
         tensors = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     else:
-        preprocessing = preprocessing_of(loaded)
-        images = [decode_image(data, index, image_limits, preprocessing) for index, data in enumerate(encoded_images)]
+        images = decode_images(encoded_images, image_limits, preprocessing_of(loaded), decoders)
         if loaded.square_pad_colour is not None:
             images = [pad_to_square(image, loaded.square_pad_colour) for image in images]
         text = prompt

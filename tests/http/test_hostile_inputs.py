@@ -16,9 +16,9 @@ from PIL import Image
 
 from llava_worker.config import WorkerConfig, validate_config
 from llava_worker.errors import ImageError, StartupError
-from llava_worker.models.images import ImageLimits, decode_image
+from llava_worker.models.images import ImageLimits, decode_image, decode_images
 from llava_worker.testing.tiny import make_test_image
-from tests.support.payloads import PROMPT_1, TEXT_PROMPT, encode_image, greedy
+from tests.support.payloads import PROMPT_1, PROMPT_2, TEXT_PROMPT, encode_image, greedy
 from tests.support.servers import RunningWorker
 
 SURROGATE_PROMPT = "USER: hi \\ud800 ASSISTANT:"  # JSON text: the escape of a lone high surrogate
@@ -396,3 +396,50 @@ def test_thin_images_are_refused_before_preprocessing_blows_them_up(start_worker
     chunks = worker.generate(greedy(PROMPT_1, [image], max_new_tokens=4))
     assert chunks == [{"text": message, "error_code": 1}]
     assert worker.generate(greedy(PROMPT_1, [encode_image(1)], max_new_tokens=4))[-1]["error_code"] == 0
+
+
+def test_a_request_s_images_are_bounded_in_pixels_together_before_any_is_decoded(start_worker):
+    worker = start_worker("llava-1.5", max_request_pixels=1_000_000)
+    big = thin_png(600, 600)  # 360 000 pixels, a few hundred bytes
+    prompt = "USER: <image>\n<image>\n<image>\nCompare them. ASSISTANT:"
+    chunks = worker.generate(greedy(prompt, [big, big, big], max_new_tokens=4))
+    assert chunks == [
+        {
+            "text": "the request's 3 images have 1080000 pixels in all, more than the 1000000 accepted",
+            "error_code": 1,
+        }
+    ]
+    assert worker.generate(greedy(PROMPT_2, [big, big], max_new_tokens=4))[-1]["error_code"] == 0
+
+
+class CountingSemaphore:
+    """A semaphore that records how many holders it had at once."""
+
+    def __init__(self, value: int) -> None:
+        self._semaphore = threading.BoundedSemaphore(value)
+        self._lock = threading.Lock()
+        self.holders = 0
+        self.most = 0
+
+    def __enter__(self) -> None:
+        self._semaphore.acquire()
+        with self._lock:
+            self.holders += 1
+            self.most = max(self.most, self.holders)
+        time.sleep(0.01)  # hold it a moment, so overlapping holders would show
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.holders -= 1
+        self._semaphore.release()
+
+
+def test_images_decode_a_bounded_number_at_a_time_across_requests():
+    decoders = CountingSemaphore(1)
+    images = [encode_image(seed) for seed in range(3)]
+    threads = [threading.Thread(target=decode_images, args=(images, ImageLimits(), None, decoders)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert decoders.most == 1
