@@ -23,7 +23,7 @@ from llava_worker.errors import InvalidRequestError, QueueFullError, ShuttingDow
 from llava_worker.metrics import WorkerMetrics
 from llava_worker.models.chat_prompt import render_prompt
 from llava_worker.models.images import ImageLimits
-from llava_worker.models.inputs import PreparedInputs, prepare_inputs
+from llava_worker.models.inputs import PreparedInputs, longest_token_chars, prepare_inputs
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, worker_status
 
@@ -82,6 +82,7 @@ class ModelWorker:
             config.max_image_bytes, config.max_image_pixels, config.max_request_pixels, config.image_format_names
         )
         self.image_decoders = threading.BoundedSemaphore(config.image_decoders)
+        self._longest_token_chars = longest_token_chars(loaded.tokenizer)
         self.draining = False
         self.controller: ControllerLink | None = None
         if not config.no_register:
@@ -248,6 +249,7 @@ class ModelWorker:
                 yield chunk
 
     async def _prepare(self, params: GenerateParams) -> PreparedInputs:
+        self._check_prompt_length(params.prompt)
         return await asyncio.to_thread(
             prepare_inputs,
             self.loaded,
@@ -257,6 +259,17 @@ class ModelWorker:
             self.config.max_prompt_tokens,
             self.image_decoders,
         )
+
+    def _check_prompt_length(self, prompt: str) -> None:
+        """No token is longer than `longest_token_chars` characters, so a prompt longer than the
+        context times that (twice, for tokenizers that normalise text away) cannot fit: it is
+        refused before paying for its tokenisation (tens of seconds for tens of megabytes)."""
+        most = 2 * self.context_length * self._longest_token_chars
+        if len(prompt) > most:
+            raise InvalidRequestError(
+                f"the prompt is {len(prompt)} characters long: it cannot fit the model's context of "
+                f"{self.context_length} tokens (at most {most} characters accepted)"
+            )
 
     def check_queue(self) -> None:
         """Refuses a request when `--max-queue` requests already wait for a slot."""

@@ -85,6 +85,12 @@ def prepare_inputs(
     return PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens, images=spans)
 
 
+def longest_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest token, as the tokenizer spells it (a byte-level or byte-fallback
+    spelling is never shorter than the text it stands for), special tokens included."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+
+
 def preprocessing_of(loaded: LoadedModel) -> Preprocessing:
     """What the model's processor does to an image's size (see `Preprocessing`)."""
     processor = loaded.processor

@@ -443,3 +443,28 @@ def test_images_decode_a_bounded_number_at_a_time_across_requests():
     for thread in threads:
         thread.join(30)
     assert decoders.most == 1
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(start_worker):
+    """Megabytes of prompt (within the body limit) would take the tokenizer seconds: no token is
+    longer than the vocabulary's longest, so the length alone proves it cannot fit."""
+    worker = start_worker("text-only")
+    context = worker.worker.context_length
+    longest = max(len(token) for token in worker.worker.loaded.tokenizer.get_vocab())
+    most = 2 * context * longest
+    prompt = "a " * 2_500_000  # 5 MB
+    began = time.monotonic()
+    chunks = worker.generate(greedy(prompt, max_new_tokens=4))
+    assert time.monotonic() - began < 5
+    assert chunks == [
+        {
+            "text": f"the prompt is {len(prompt)} characters long: it cannot fit the model's context of {context} "
+            f"tokens (at most {most} characters accepted)",
+            "error_code": 1,
+        }
+    ]
+    # Just within the bound, the prompt is tokenized and answered as the original answers a prompt
+    # that leaves no room (error code 0).
+    near = "a " * (most // 2)
+    assert worker.generate(greedy(near, max_new_tokens=4))[-1]["error_code"] == 0
+    assert_serves_afterwards(worker)
