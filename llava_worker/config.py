@@ -63,6 +63,11 @@ class WorkerConfig:
     is detected from the model)."""
     limit_model_concurrency: int = 5
     """Requests that decode together in one batch; further requests wait in arrival order."""
+    max_batch_tokens: int | None = None
+    """KV tokens the running requests may hold together, each counting its prompt (image tokens
+    included) and its `max_new_tokens`: requests wait in order until theirs fit, and one that never
+    could is refused at once. Default on a GPU: what its free memory holds at start-up, less the caches
+    and a tenth for activations; elsewhere no limit."""
     max_queue: int = 256
     """Most requests waiting for a slot; further ones are refused at once (HTTP 429, FastChat's error
     code 42903) instead of waiting without end."""
@@ -192,6 +197,7 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--max-request-bytes": config.max_request_bytes,
         "--max-images": config.max_images,
         "--max-queue": config.max_queue,
+        "--max-batch-tokens": config.max_batch_tokens if config.max_batch_tokens is not None else 1,
         "--max-stop-strings": config.max_stop_strings,
         "--max-stop-length": config.max_stop_length,
         "--max-image-bytes": config.max_image_bytes,

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from llava_worker.admission import AdmissionGate, Slot
@@ -28,7 +28,7 @@ from llava_worker.models.loaded import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, worker_status
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ModelWorker:
         self.engine = Engine(
             loaded,
             max_batch=config.limit_model_concurrency,
-            settings=prefill_settings(config, loaded.device),
+            settings=prefill_settings(config, loaded),
             observer=self.metrics,
         )
         self.metrics.watch_caches(self.engine.image_cache, self.engine.prefix_cache)
@@ -229,6 +229,7 @@ class ModelWorker:
         if max_new_tokens < 1:
             yield self._exceeds_context(params, inputs, request_id)
             return
+        self._check_kv_budget(inputs.prompt_tokens, max_new_tokens)
         # 4. Wait for a slot, with a keepalive at once and then every `keepalive_interval` seconds, so
         #    the client gets a byte (and, with servers that hold headers back, its headers) meanwhile.
         self.check_queue()  # again: the queue may have grown while this request was prepared
@@ -269,6 +270,15 @@ class ModelWorker:
             raise InvalidRequestError(
                 f"the prompt is {len(prompt)} characters long: it cannot fit the model's context of "
                 f"{self.context_length} tokens (at most {most} characters accepted)"
+            )
+
+    def _check_kv_budget(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        budget = self.engine.max_batch_tokens
+        if budget is not None and prompt_tokens + max_new_tokens > budget:
+            raise InvalidRequestError(
+                f"the request needs room for {prompt_tokens + max_new_tokens} tokens ({prompt_tokens} of prompt, "
+                f"image tokens included, and {max_new_tokens} new), more than the {budget} the batch may hold "
+                "(--max-batch-tokens); ask for fewer new tokens or send a shorter prompt"
             )
 
     def check_queue(self) -> None:
@@ -379,14 +389,29 @@ class ModelWorker:
 DEFAULT_CHUNK_TOKENS = {"cpu": 24, "accelerator": 512}
 
 
-def prefill_settings(config: WorkerConfig, device: torch.device) -> PrefillSettings:
-    """The engine's prefill settings from the worker's flags, for a model on `device`."""
+def prefill_settings(config: WorkerConfig, loaded: LoadedModel) -> PrefillSettings:
+    """The engine's prefill and admission settings from the worker's flags, for the loaded model."""
     chunk = config.prefill_chunk_tokens
     if chunk is None:
-        chunk = DEFAULT_CHUNK_TOKENS["cpu" if device.type == "cpu" else "accelerator"]
+        chunk = DEFAULT_CHUNK_TOKENS["cpu" if loaded.device.type == "cpu" else "accelerator"]
     mib = 1 << 20
-    return PrefillSettings(
+    settings = PrefillSettings(
         chunk_tokens=chunk or None,
         image_cache_bytes=config.image_cache_mb * mib,
         prefix_cache_bytes=config.prefix_cache_mb * mib,
+        max_batch_tokens=config.max_batch_tokens,
     )
+    if settings.max_batch_tokens is None and loaded.device.type == "cuda":
+        settings = replace(settings, max_batch_tokens=_tokens_free_memory_holds(loaded, settings))
+    return settings
+
+
+def _tokens_free_memory_holds(loaded: LoadedModel, settings: PrefillSettings) -> int:
+    """KV tokens the GPU's free memory holds now, less the caches and a tenth for activations."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    spare = int(free * 0.9) - settings.image_cache_bytes - settings.prefix_cache_bytes
+    tokens = max(spare, 0) // kv_bytes_per_token(loaded)
+    logger.info("the batch may hold %d KV tokens (%.1f GiB free on the GPU)", tokens, free / (1 << 30))
+    return max(tokens, 1)

@@ -91,6 +91,9 @@ class PrefillSettings:
     """Budget of the image-feature cache; 0 keeps nothing."""
     prefix_cache_bytes: int = 0
     """Budget of the prefix (KV state) cache; 0 keeps nothing."""
+    max_batch_tokens: int | None = None
+    """KV tokens the running requests may hold together, each counting its prompt (image tokens
+    included) and its `max_new_tokens`; requests wait in order until theirs fit. None: no limit."""
 
 
 class EngineObserver(Protocol):
@@ -151,6 +154,11 @@ class Engine:
         """Most requests that have decoded together in one step."""
         self.prefill_chunks = 0
         """Pieces of prefill work run so far (tower passes and language-model chunks)."""
+
+    @property
+    def max_batch_tokens(self) -> int | None:
+        """KV tokens the running requests may hold together (None: no limit)."""
+        return self._settings.max_batch_tokens
 
     @property
     def chunk_tokens(self) -> int | None:
@@ -263,8 +271,12 @@ class Engine:
     def _prefill_whole(self, waiting: deque[_Request], active: list[_Request], batch: DecodeBatch) -> None:
         """The safe way: each newcomer's prompt through the model's forward, whole, before the next step."""
         newcomers: list[_Request] = []
+        held = self._tokens_held(active)
         while waiting and len(active) + len(newcomers) < self._room():
+            if not waiting[0].cancelled.is_set() and not self._fits(waiting[0], held):
+                break
             request = waiting.popleft()
+            held += 0 if request.cancelled.is_set() else _kv_need(request)
             if request.cancelled.is_set():
                 self._finish(request, GenerationOutput(finish_reason="cancelled"))
             elif self._mergeable is None and not newcomers:
@@ -276,11 +288,16 @@ class Engine:
             active.extend(self._prefill(group, batch))
 
     def _admit(self, waiting: deque[_Request], active: list[_Request], batch: DecodeBatch) -> None:
-        """Starts a prefill group with the newcomers that fit in the batch."""
+        """Starts a prefill group with the newcomers that fit in the batch (and in its KV budget)."""
         prefilling = sum(len(group.rows) for group in self._groups)
+        held = self._tokens_held(active)
         newcomers: list[_Request] = []
         while waiting and len(active) + prefilling + len(newcomers) < self._max_batch:
-            request = waiting.popleft()
+            request = waiting[0]
+            if not request.cancelled.is_set() and not self._fits(request, held):
+                break  # in arrival order: the head waits until enough running requests finish
+            waiting.popleft()
+            held += 0 if request.cancelled.is_set() else _kv_need(request)
             if request.cancelled.is_set():
                 self._finish(request, GenerationOutput(finish_reason="cancelled"))
             elif request.inputs.images is None:
@@ -310,6 +327,15 @@ class Engine:
                 self._observer.queued(now - request.submitted_at)
         self._groups.append(group)
         self._group_requests[id(group)] = newcomers
+
+    def _tokens_held(self, active: list[_Request]) -> int:
+        prefilling = [request for requests in self._group_requests.values() for request in requests]
+        return sum(_kv_need(request) for request in [*active, *prefilling])
+
+    def _fits(self, request: _Request, held: int) -> bool:
+        budget = self._settings.max_batch_tokens
+        # Alone, a request always runs: one that could never fit is refused before it is submitted.
+        return budget is None or held == 0 or held + _kv_need(request) <= budget
 
     def _prefill_row(self, request: _Request) -> PrefillRow:
         ids = request.inputs.input_ids.reshape(-1)
@@ -563,6 +589,11 @@ class _Probe:
 
 #: What the submission queue carries from the event loop to the engine thread.
 _Submission = _Request | _Probe | _Signal
+
+
+def _kv_need(request: _Request) -> int:
+    """KV tokens a request may come to hold: its prompt and every token it may generate."""
+    return request.inputs.prompt_tokens + request.max_new_tokens
 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:

@@ -133,3 +133,35 @@ def test_requests_beyond_the_limit_wait_and_then_join(start_worker):
     expected = PROMPT_1 + reference_text(loaded, PROMPT_1, images, 60)
     assert [c.chunks[-1]["text"] for c in clients] == [expected] * 5
     assert worker.worker.engine.peak_batch == 2
+
+
+def test_a_kv_token_budget_admits_in_order_what_fits_and_refuses_what_never_could(start_worker):
+    """Memory-aware admission on the CPU: with room for one request's prompt and new tokens but not
+    two, the two run one after the other, both exact; one that could never fit is refused at once."""
+    worker = start_worker("text-only", limit_model_concurrency=4, max_batch_tokens=100)
+    loaded = worker.worker.loaded
+    prompts = {"sea": TEXT_PROMPT, "hi": SHORT_TEXT}
+    for prompt in prompts.values():
+        assert len(loaded.tokenizer(prompt)["input_ids"]) + 60 <= 100 < 2 * 60
+    clients = {name: StreamingClient(worker.url, greedy(prompt, max_new_tokens=60)) for name, prompt in prompts.items()}
+    for client in clients.values():
+        client.start()
+    for client in clients.values():
+        client.join(timeout=60)
+    for name, client in clients.items():
+        assert client.chunks[-1] == {
+            "text": prompts[name] + reference_text(loaded, prompts[name], [], 60),
+            "error_code": 0,
+        }
+    assert worker.worker.engine.peak_batch == 1, "the budget held them to one at a time"
+    tokens = len(loaded.tokenizer(SHORT_TEXT)["input_ids"])
+    refused = worker.generate(greedy(SHORT_TEXT, max_new_tokens=200))
+    assert refused == [
+        {
+            "text": f"the request needs room for {tokens + 200} tokens ({tokens} of prompt, image tokens included, "
+            "and 200 new), more than the 100 the batch may hold (--max-batch-tokens); ask for fewer new tokens "
+            "or send a shorter prompt",
+            "error_code": 1,
+        }
+    ]
+    wait_until(lambda: worker.status()["queue_length"] == 0, 10, "every slot to come back")
