@@ -100,6 +100,18 @@ class DecodeBatch:
             for keys, values in map(_states, _layers(self.cache))
         ]
 
+    def undo_step(self) -> None:
+        """Forgets the last `step_inputs`, and whatever its forward pass wrote before it failed."""
+        assert self.cache is not None
+        self.attention_mask = self.attention_mask[:, :-1]
+        self.positions = [position - 1 for position in self.positions]
+        width = self.attention_mask.shape[1]
+        for layer in _layers(self.cache):
+            keys, values = _states(layer)
+            if keys.shape[2] > width:
+                # Views of the same buffers: the spare columns are written again by the next step.
+                layer.keys, layer.values = keys[:, :, :width], values[:, :, :width]
+
     def step_inputs(self, last_tokens: list[int]) -> dict[str, Any]:
         """Forward arguments that feed each row's last token at its own position."""
         assert self.cache is not None

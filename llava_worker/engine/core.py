@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -61,6 +61,9 @@ class _Request:
     """Generated tokens fed back to the model: with the prompt, what its cache rows hold."""
     reused: int = 0
     """Prompt tokens whose KV states came from the prefix cache."""
+    resumed: bool = False
+    """Preempted after running out of memory: its prompt and the tokens fed so far are prefilled
+    again, and it goes on with the token it had already chosen."""
 
 
 class RequestHandle:
@@ -145,6 +148,8 @@ class Engine:
         """Whether prompts are prefilled in groups and chunks, with caches (else one by one, whole)."""
         self._mergeable: bool | None = True if self.piecewise else None
         self._groups: list[PrefillGroup] = []
+        self._preempted: list[_Request] = []
+        """Requests taken out of the batch to free memory; they are admitted again first."""
         self._group_requests: dict[int, list[_Request]] = {}
         self.image_cache = ImageFeatureCache(self._settings.image_cache_bytes)
         self.prefix_cache = PrefixCache(self._settings.prefix_cache_bytes if self.piecewise else 0)
@@ -251,7 +256,9 @@ class Engine:
             waiting.clear()
             batch.reset()
             return True
-        # 2. Admit newcomers while there is room, then advance the prefills.
+        # 2. Admit newcomers while there is room (preempted requests first), then advance the prefills.
+        waiting.extendleft(reversed(self._preempted))
+        self._preempted.clear()
         if self.piecewise:
             self._admit(waiting, active, batch)
             self._advance_prefills(active, batch)
@@ -339,13 +346,17 @@ class Engine:
 
     def _prefill_row(self, request: _Request) -> PrefillRow:
         ids = request.inputs.input_ids.reshape(-1)
+        if request.resumed:
+            # Its cache rows held the prompt and the tokens fed back: they are computed again.
+            ids = torch.cat([ids, torch.tensor(request.fed, dtype=ids.dtype, device=ids.device)])
         images = request.inputs.images or ()
         request.key = SequenceKey(
             ids.detach().cpu(), tuple(ImageMark(span.start, span.length, span.key) for span in images)
         )
         # At least the last prompt token is computed: its logits give the first new token.
         reused, prefix = self.prefix_cache.lookup(request.key, limit=len(request.key) - 1)
-        request.reused = reused
+        if not request.resumed:
+            request.reused = reused
         return PrefillRow(ids=ids, images=images, reused=reused, prefix=prefix)
 
     def _advance_prefills(self, active: list[_Request], batch: DecodeBatch) -> None:
@@ -391,8 +402,10 @@ class Engine:
         requests = self._group_requests[id(group)]
         self._forget(group)
         assert group.first_logits is not None
+        # A resumed request already chose its next token before it was preempted.
+        fresh = [row for row, request in enumerate(requests) if not request.resumed]
         try:
-            tokens = self._choose(group.first_logits, requests)
+            tokens = self._choose(group.first_logits[fresh], [requests[row] for row in fresh])
         except Exception as exc:
             self._fail_all(list(requests), _as_worker_error(exc))
             return
@@ -400,8 +413,10 @@ class Engine:
             active[:0] = requests
         else:
             active.extend(requests)
-        for request, token in zip(requests, tokens, strict=True):
-            self._accept(request, token)
+        for row, token in zip(fresh, tokens, strict=True):
+            self._accept(requests[row], token)
+        for request in requests:
+            request.resumed = False
 
     def _drop_group(self, group: PrefillGroup, error: WorkerError) -> None:
         requests = self._group_requests[id(group)]
@@ -501,6 +516,13 @@ class Engine:
         try:
             output = self._model(**batch.step_inputs([r.last_token for r in active]), logits_to_keep=1)
             tokens = self._choose(output.logits[:, -1, :], active)
+        except torch.cuda.OutOfMemoryError as exc:
+            if not self.piecewise or len(active) == 1:
+                self._fail_all(active, _as_worker_error(exc))
+                batch.reset()
+            else:
+                self._preempt_newest(active, batch)
+            return
         except Exception as exc:
             # A failed step leaves the shared cache in an unknown state: every request in it fails.
             self._fail_all(active, _as_worker_error(exc))
@@ -510,6 +532,28 @@ class Engine:
         self.peak_batch = max(self.peak_batch, len(active))
         for request, token in zip(active, tokens, strict=True):
             self._accept(request, token)
+
+    def _preempt_newest(self, active: list[_Request], batch: DecodeBatch) -> None:
+        """Out of memory in a step: the newest request leaves the batch, freeing its rows, and will
+        be prefilled again (prompt and tokens so far) once there is room; the others step again."""
+        torch.cuda.empty_cache()
+        batch.undo_step()
+        for request in active:
+            request.fed.pop()  # the token fed in the failed step is fed again
+        newest = max(range(len(active)), key=lambda row: active[row].submitted_at)
+        request = active[newest]
+        logger.warning(
+            "out of memory with %d requests decoding: the newest leaves the batch and will be recomputed", len(active)
+        )
+        batch.keep([row for row in range(len(active)) if row != newest])
+        del active[newest]
+        request.resumed = True
+        self._preempted.append(request)
+        # What the others hold is what fits: the newest comes back once enough of them have left.
+        held = max(self._tokens_held(active), 1)
+        if self._settings.max_batch_tokens is None or held < self._settings.max_batch_tokens:
+            self._settings = replace(self._settings, max_batch_tokens=held)
+            logger.warning("the batch may now hold %d KV tokens (learned from running out of memory)", held)
 
     def _choose(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
         return next_tokens(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from llava_worker.config import WorkerConfig
 from llava_worker.engine.core import Engine, RequestHandle
@@ -623,3 +624,35 @@ async def _last(outputs: Any) -> GenerationOutput:
         last = output
     assert isinstance(last, GenerationOutput) and last.finished
     return last
+
+
+def test_out_of_memory_in_a_step_preempts_the_newest_and_every_answer_stays_exact(
+    start_engine: StartEngine, loaded: LoadedModel, reference: Reference, prompt_lengths: dict[str, int]
+) -> None:
+    """Fault injection: the GPU's out-of-memory error in a decode step of three. The newest request
+    leaves the batch and is recomputed (prompt and tokens so far) once another has finished; nobody
+    fails, and every answer is what `generate` gives alone."""
+    lengths = {"sea": 12, "hi": 16, "stars": 14}
+    expected = {name: reference.text(name, n) for name, n in lengths.items()}
+    engine, hooked = start_engine()
+
+    async def scenario() -> None:
+        first = hooked.hold(nth=1)
+        hooked.fail(torch.cuda.OutOfMemoryError("CUDA out of memory (injected)"), rows=3, decode=True, nth=3)
+        sea = engine.submit(make_request(loaded, "sea", lengths["sea"]))
+        await first.reached()
+        others = {name: engine.submit(make_request(loaded, name, lengths[name])) for name in ("hi", "stars")}
+        first.release()
+        finals = {"sea": await final_of(sea)} | {name: await final_of(handle) for name, handle in others.items()}
+        for name, final in finals.items():
+            assert final.error is None, (name, final.error)
+            assert final.text == expected[name] and final.completion_tokens == lengths[name], name
+        # The batch learnt what fits: two requests' worth.
+        assert engine.max_batch_tokens is not None
+        assert max(hooked.decode_rows()) == 3 and hooked.decode_rows()[-1] < 3
+        # The preempted request was prefilled again: its prompt and the tokens it had, one row.
+        prompts = {prompt_lengths[name] for name in lengths}
+        recomputed = [c for c in hooked.calls if not c.decode and c.length not in prompts]
+        assert [c.rows for c in recomputed] == [1], hooked.calls
+
+    asyncio.run(scenario())
