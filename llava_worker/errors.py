@@ -11,6 +11,10 @@ class InvalidRequestError(WorkerError):
     """The request body is malformed or a parameter is out of range."""
 
 
+class PromptTooLongError(InvalidRequestError):
+    """The prompt cannot fit the model's context, as its length alone proves (it is not tokenized)."""
+
+
 class InvalidJSONError(InvalidRequestError):
     """The request body is not JSON at all."""
 

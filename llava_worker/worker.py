@@ -19,7 +19,13 @@ from llava_worker.engine.core import Engine, PrefillSettings, kv_bytes_per_token
 from llava_worker.engine.requests import GenerationRequest
 from llava_worker.engine.sampling import SamplingParams
 from llava_worker.engine.streams import GenerationOutput
-from llava_worker.errors import InvalidRequestError, QueueFullError, ShuttingDownError, outcome_of
+from llava_worker.errors import (
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    ShuttingDownError,
+    outcome_of,
+)
 from llava_worker.metrics import WorkerMetrics
 from llava_worker.models.chat_prompt import render_prompt
 from llava_worker.models.images import ImageLimits
@@ -267,7 +273,7 @@ class ModelWorker:
         refused before paying for its tokenisation (tens of seconds for tens of megabytes)."""
         most = 2 * self.context_length * self._longest_token_chars
         if len(prompt) > most:
-            raise InvalidRequestError(
+            raise PromptTooLongError(
                 f"the prompt is {len(prompt)} characters long: it cannot fit the model's context of "
                 f"{self.context_length} tokens (at most {most} characters accepted)"
             )

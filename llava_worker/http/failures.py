@@ -14,6 +14,7 @@ from llava_worker.errors import (
     ImageError,
     InvalidJSONError,
     InvalidRequestError,
+    PromptTooLongError,
     QueueFullError,
     ShuttingDownError,
     WorkerError,
@@ -93,6 +94,8 @@ def openai_error(exc: BaseException, request_id: str) -> tuple[int, dict[str, An
         status, kind, code = 503, "server_error", "shutting_down"
     elif isinstance(exc, QueueFullError):
         status, kind, code = 429, "rate_limit_error", "queue_full"
+    elif isinstance(exc, PromptTooLongError):
+        status, kind, param, code = 400, "invalid_request_error", "messages", "context_length_exceeded"
     elif isinstance(exc, (InvalidRequestError, ImageError)):
         status, kind = 400, "invalid_request_error"
         code = "invalid_json" if isinstance(exc, InvalidJSONError) else None

@@ -353,9 +353,14 @@ def test_request_limits_apply(start_worker):
     with pytest.raises(openai.BadRequestError, match="too many images: 2 given, at most 1 accepted"):
         client.chat.completions.create(model=name, messages=two)
     long_worker = start_worker("text-only")
-    too_long: Any = [{"role": "user", "content": "sea " * 3_000}]
+    too_long: Any = [{"role": "user", "content": "sea " * 1_000}]
     with pytest.raises(openai.BadRequestError, match="leaves no room for new tokens") as caught:
         client_for(long_worker).chat.completions.create(model=long_worker.worker.model_name, messages=too_long)
+    assert caught.value.code == "context_length_exceeded"
+    # So long that its length alone proves it cannot fit: refused before tokenizing, the same code.
+    far_too_long: Any = [{"role": "user", "content": "sea " * 20_000}]
+    with pytest.raises(openai.BadRequestError, match="cannot fit the model's context of 512 tokens") as caught:
+        client_for(long_worker).chat.completions.create(model=long_worker.worker.model_name, messages=far_too_long)
     assert caught.value.code == "context_length_exceeded"
 
 
