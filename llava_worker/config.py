@@ -121,6 +121,9 @@ class WorkerConfig:
     max_request_pixels: int = 80_000_000
     """Most pixels in all the images of one request together, checked from their headers before any
     is decoded."""
+    input_threads: int = 2
+    """Threads for heavy input work (requests with images, long prompts), all requests together. Light
+    work (short text prompts) has threads of its own, so it never waits behind heavy work."""
     image_decoders: int = 2
     """Images decoded at the same time, all requests together; the others wait their turn, so a burst
     of large images cannot take every core and all the memory at once."""
@@ -204,6 +207,7 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--max-image-pixels": config.max_image_pixels,
         "--max-request-pixels": config.max_request_pixels,
         "--image-decoders": config.image_decoders,
+        "--input-threads": config.input_threads,
         "--max-prompt-tokens": config.max_prompt_tokens if config.max_prompt_tokens is not None else 1,
         "--remote-image-timeout": config.remote_image_timeout,
     }

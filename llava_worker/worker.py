@@ -7,9 +7,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any, TypeVar
 
 from llava_worker.admission import AdmissionGate, Slot
 from llava_worker.chunks import KEEPALIVE, StreamChunk
@@ -33,10 +35,14 @@ from llava_worker.models.inputs import PreparedInputs, longest_token_chars, prep
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, worker_status
 
-if TYPE_CHECKING:
-    pass
-
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Prompts up to this many characters, without images, are light input work (see `--input-threads`).
+LIGHT_PROMPT_CHARS = 16_384
+#: Threads for light input work: tokenizing a short prompt takes a millisecond.
+LIGHT_INPUT_THREADS = 2
 
 #: How long a readiness probe may wait for the engine loop to answer.
 READY_PROBE_TIMEOUT = 5.0
@@ -89,6 +95,10 @@ class ModelWorker:
         )
         self.image_decoders = threading.BoundedSemaphore(config.image_decoders)
         self._longest_token_chars = longest_token_chars(loaded.tokenizer)
+        # Input work runs in pools of its own, not asyncio's default one: heavy work (images, long
+        # prompts) is bounded in threads, and cannot make short text requests wait behind it.
+        self._light_inputs = ThreadPoolExecutor(LIGHT_INPUT_THREADS, thread_name_prefix="inputs-light")
+        self._heavy_inputs = ThreadPoolExecutor(config.input_threads, thread_name_prefix="inputs-heavy")
         self.draining = False
         self.controller: ControllerLink | None = None
         if not config.no_register:
@@ -144,6 +154,8 @@ class ModelWorker:
         if self.controller is not None:
             await self.controller.stop()
         await asyncio.to_thread(self.engine.stop)
+        for pool in (self._light_inputs, self._heavy_inputs):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, grace: float) -> None:
         """Stops admitting, lets running requests finish for `grace` seconds, then cancels the rest.
@@ -198,11 +210,12 @@ class ModelWorker:
 
     async def count_tokens(self, prompt: str) -> int:
         """FastChat's `/count_token`: tokens of the prompt text (image tokens not expanded)."""
-        return await asyncio.to_thread(lambda: len(self.loaded.tokenizer(prompt)["input_ids"]))
+        return await self._run_input_work(len(prompt), False, lambda: len(self.loaded.tokenizer(prompt)["input_ids"]))
 
     async def render_chat_prompt(self, messages: list[dict[str, Any]], images: int) -> str:
         """The prompt the model's own chat template makes of `messages` (raises InvalidRequestError)."""
-        return await asyncio.to_thread(render_prompt, self.loaded, messages, images)
+        size = sum(len(str(message.get("content", ""))) for message in messages)
+        return await self._run_input_work(size, images > 0, partial(render_prompt, self.loaded, messages, images))
 
     async def generate_stream(self, params: GenerateParams, request_id: str) -> AsyncGenerator[StreamChunk, None]:
         """Streams one request's answer and counts its outcome; raises WorkerError (or anything else)
@@ -257,7 +270,7 @@ class ModelWorker:
 
     async def _prepare(self, params: GenerateParams) -> PreparedInputs:
         self._check_prompt_length(params.prompt)
-        return await asyncio.to_thread(
+        work = partial(
             prepare_inputs,
             self.loaded,
             params.prompt,
@@ -266,6 +279,12 @@ class ModelWorker:
             self.config.max_prompt_tokens,
             self.image_decoders,
         )
+        return await self._run_input_work(len(params.prompt), bool(params.images), work)
+
+    async def _run_input_work(self, characters: int, images: bool, work: Callable[[], T]) -> T:
+        heavy = images or characters > LIGHT_PROMPT_CHARS
+        pool = self._heavy_inputs if heavy else self._light_inputs
+        return await asyncio.get_running_loop().run_in_executor(pool, work)
 
     def _check_prompt_length(self, prompt: str) -> None:
         """No token is longer than `longest_token_chars` characters, so a prompt longer than the

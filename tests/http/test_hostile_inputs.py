@@ -468,3 +468,36 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(start_worker
     near = "a " * (most // 2)
     assert worker.generate(greedy(near, max_new_tokens=4))[-1]["error_code"] == 0
     assert_serves_afterwards(worker)
+
+
+def test_heavy_input_work_cannot_make_short_text_requests_wait(start_worker):
+    """Input work runs in pools of the worker's own: with every heavy thread busy (images, long
+    prompts), a short text request is still prepared and answered at once; the image request waits
+    for a heavy thread and is then served."""
+    worker = start_worker("llava-1.5", input_threads=1)
+    busy = threading.Event()
+    release = threading.Event()
+
+    def occupy() -> None:
+        busy.set()
+        release.wait(30)
+
+    blocker = worker.worker._heavy_inputs.submit(occupy)
+    assert busy.wait(10)
+    image_result: dict[str, Any] = {}
+    image_thread = threading.Thread(
+        target=lambda: image_result.update(
+            chunks=worker.generate(greedy(PROMPT_1, [encode_image(1)], max_new_tokens=4))
+        )
+    )
+    try:
+        image_thread.start()
+        began = time.monotonic()
+        assert worker.generate(greedy(TEXT_PROMPT, max_new_tokens=4))[-1]["error_code"] == 0
+        assert time.monotonic() - began < 5
+        assert "chunks" not in image_result, "the image request waits for the heavy thread"
+    finally:
+        release.set()
+        blocker.result(30)
+        image_thread.join(30)
+    assert image_result["chunks"][-1]["error_code"] == 0
