@@ -106,6 +106,13 @@ class WorkerConfig:
     """On SIGTERM/SIGINT, seconds running requests may finish before they are cancelled."""
     log_file: str | None = None
     """Also write the log to this file."""
+    max_connections: int = 512
+    """Connections (and requests in flight) the server takes at once; beyond that it answers 503 at once,
+    so idle or slow clients cannot take every file descriptor."""
+    keep_alive_timeout: int = 5
+    """Seconds an idle keep-alive connection stays open."""
+    body_timeout: float = 30.0
+    """Seconds a request's body may take to arrive; a client that sends it slower is refused."""
     max_request_bytes: int = 64 * 1024 * 1024
     """Largest request body, in bytes."""
     max_images: int = 16
@@ -198,6 +205,9 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--controller-timeout": config.controller_timeout,
         "--keepalive-interval": config.keepalive_interval,
         "--max-request-bytes": config.max_request_bytes,
+        "--max-connections": config.max_connections,
+        "--keep-alive-timeout": config.keep_alive_timeout,
+        "--body-timeout": config.body_timeout,
         "--max-images": config.max_images,
         "--max-queue": config.max_queue,
         "--max-batch-tokens": config.max_batch_tokens if config.max_batch_tokens is not None else 1,

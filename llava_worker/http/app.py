@@ -63,7 +63,7 @@ async def _parse(request: Request, worker: ModelWorker) -> GenerateParams:
         if worker.draining:
             raise ShuttingDownError()
         worker.check_queue()
-        body = await read_body(request, worker.config.max_request_bytes)
+        body = await read_body(request, worker.config.max_request_bytes, worker.config.body_timeout)
         return await parse_body(body, partial(parse_generate_params, max_images=worker.config.max_images))
     except (InvalidRequestError, ShuttingDownError, QueueFullError) as exc:
         worker.metrics.count(outcome_of(exc))
@@ -111,7 +111,7 @@ def _fastchat_router(worker: ModelWorker) -> APIRouter:
     @router.post("/count_token")
     async def count_token(request: Request) -> JSONResponse:
         try:
-            body = await read_body(request, worker.config.max_request_bytes)
+            body = await read_body(request, worker.config.max_request_bytes, worker.config.body_timeout)
             prompt = (await parse_body(body, json_object)).get("prompt")
             if not isinstance(prompt, str):
                 raise InvalidRequestError("invalid request: 'prompt' must be a string")

@@ -33,14 +33,19 @@ async def read_limited(
     return bytes(body)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it is known to exceed `limit` bytes."""
-    return await read_limited(
+async def read_body(request: Request, limit: int, within: float) -> bytes:
+    """The request body, refused as soon as it is known to exceed `limit` bytes, or when it has not
+    all arrived within `within` seconds (a client trickling it would hold its connection forever)."""
+    reading = read_limited(
         request.stream(),
         request.headers.get("content-length"),
         limit,
         lambda size: InvalidRequestError(f"request body {size}is larger than the {limit} bytes accepted"),
     )
+    try:
+        return await asyncio.wait_for(reading, within)
+    except TimeoutError:
+        raise InvalidRequestError(f"the request body did not arrive within {within:g} s") from None
 
 
 async def parse_body(body: bytes, parse: Callable[[bytes], T]) -> T:

@@ -60,8 +60,20 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def server_config(worker: ModelWorker, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings for `worker`: its app, and the connection limits of its flags."""
+    config = worker.config
+    return uvicorn.Config(
+        create_app(worker),
+        host=host,
+        port=port,
+        log_level=log_level,
+        limit_concurrency=config.max_connections,
+        timeout_keep_alive=config.keep_alive_timeout,
+    )
+
+
 def serve(worker: ModelWorker) -> None:
     """Serves `worker` until SIGTERM/SIGINT, then drains it; returns normally (exit status 0)."""
     config = worker.config
-    uvicorn_config = uvicorn.Config(create_app(worker), host=config.host, port=config.port, log_level="info")
-    DrainingServer(uvicorn_config, worker, config.shutdown_grace).run()
+    DrainingServer(server_config(worker, config.host, config.port), worker, config.shutdown_grace).run()

@@ -180,7 +180,9 @@ async def _chat_completion(request: Request, worker: ModelWorker) -> Response:
     try:
         if worker.draining:
             raise ShuttingDownError()
-        chat = await parse_body(await read_body(request, worker.config.max_request_bytes), parse_chat_request)
+        chat = await parse_body(
+            await read_body(request, worker.config.max_request_bytes, worker.config.body_timeout), parse_chat_request
+        )
         if chat.model != worker.model_name:
             raise _model_not_found(chat.model, worker.model_name)
         params = await _params_of(chat, worker)

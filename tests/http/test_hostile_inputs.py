@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -501,3 +502,54 @@ def test_heavy_input_work_cannot_make_short_text_requests_wait(start_worker):
         blocker.result(30)
         image_thread.join(30)
     assert image_result["chunks"][-1]["error_code"] == 0
+
+
+def raw_connection(worker: RunningWorker) -> socket.socket:
+    host, port = worker.url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    return connection
+
+
+def test_a_body_sent_too_slowly_is_refused_and_the_connection_freed(start_worker):
+    worker = start_worker("text-only", body_timeout=1.0)
+    with raw_connection(worker) as connection:
+        connection.sendall(
+            b"POST /worker_generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        began = time.monotonic()
+        answer = b""
+        while b"\0" not in answer and time.monotonic() - began < 10:
+            answer += connection.recv(65536)
+    assert time.monotonic() - began < 5
+    assert b"the request body did not arrive within 1 s" in answer
+    assert_serves_afterwards(worker)
+
+
+def test_idle_connections_are_closed_and_capped(start_worker):
+    worker = start_worker("text-only", keep_alive_timeout=1, max_connections=3)
+    # An idle keep-alive connection is closed after the timeout.
+    with raw_connection(worker) as connection:
+        connection.sendall(b"POST /worker_get_status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        answer = b""
+        while b"queue_length" not in answer:
+            answer += connection.recv(65536)
+        assert b"200 OK" in answer
+        began = time.monotonic()
+        assert connection.recv(65536) == b"", "closed by the server"
+        assert time.monotonic() - began < 5
+    # Past the cap, the server answers 503 at once instead of holding more connections.
+    idle = [raw_connection(worker) for _ in range(3)]
+    try:
+        time.sleep(0.2)
+        answer = requests.post(worker.url + "/worker_get_status", timeout=10)
+        assert answer.status_code == 503
+    finally:
+        for connection in idle:
+            connection.close()
+    wait_until_served = time.monotonic() + 10
+    while time.monotonic() < wait_until_served:
+        if requests.post(worker.url + "/worker_get_status", timeout=10).status_code == 200:
+            break
+        time.sleep(0.1)
+    assert_serves_afterwards(worker)

@@ -16,7 +16,7 @@ import requests
 import uvicorn
 
 from llava_worker.config import WorkerConfig
-from llava_worker.http.app import create_app
+from llava_worker.http.launcher import server_config
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.models.loader import load_model
 from llava_worker.worker import ModelWorker
@@ -65,7 +65,7 @@ class RunningWorker:
         self.worker = worker
         self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(worker), host="127.0.0.1", port=self.port, log_level="warning")
+        config = server_config(worker, "127.0.0.1", self.port, log_level="warning")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
