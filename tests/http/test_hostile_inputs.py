@@ -542,8 +542,8 @@ def test_idle_connections_are_closed_and_capped(start_worker):
     idle = [raw_connection(worker) for _ in range(3)]
     try:
         time.sleep(0.2)
-        answer = requests.post(worker.url + "/worker_get_status", timeout=10)
-        assert answer.status_code == 503
+        refused = requests.post(worker.url + "/worker_get_status", timeout=10)
+        assert refused.status_code == 503
     finally:
         for connection in idle:
             connection.close()
