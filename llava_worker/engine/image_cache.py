@@ -5,25 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from llava_worker.engine.lru import ByteBudgetLru
+from llava_worker.engine.lru import CountedCache
 
 
-class ImageFeatureCache:
+class ImageFeatureCache(CountedCache[bytes, torch.Tensor]):
     """Features (image tokens, hidden) keyed by `ImageSpan.key`, least recently used out first."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self._entries: ByteBudgetLru[bytes, torch.Tensor] = ByteBudgetLru(budget_bytes)
-        self.hits = 0
-        self.misses = 0
-
-    @property
-    def size(self) -> int:
-        """Bytes held now."""
-        return self._entries.size
-
-    @property
-    def evictions(self) -> int:
-        return self._entries.evictions
 
     def get(self, key: bytes) -> torch.Tensor | None:
         features = self._entries.get(key)

@@ -66,3 +66,25 @@ class ByteBudgetLru(Generic[Key, Value]):
     def items(self) -> Iterator[tuple[Key, Value]]:
         """Entries from the least to the most recently used, without touching their order."""
         return ((key, entry.value) for key, entry in list(self._entries.items()))
+
+
+class CountedCache(Generic[Key, Value]):
+    """A cache over a ByteBudgetLru with the figures `/metrics` reads: hits, misses, bytes, evictions."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self._entries: ByteBudgetLru[Key, Value] = ByteBudgetLru(budget_bytes)
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def budget(self) -> int:
+        return self._entries.budget
+
+    @property
+    def size(self) -> int:
+        """Bytes held now."""
+        return self._entries.size
+
+    @property
+    def evictions(self) -> int:
+        return self._entries.evictions

@@ -101,11 +101,6 @@ class PrefillGroup:
     def finished(self) -> bool:
         return self._done == self._width
 
-    @property
-    def computed_tokens(self) -> int:
-        """Prompt tokens this group computes (those it does not reuse)."""
-        return sum(row.remainder for row in self.rows)
-
     def step(self, budget: int | None, first: bool) -> int:
         """Runs the next piece within `budget` tokens (None: everything left, in one piece each for the
         tower and the language model); `first` lets one piece exceed the budget when nothing smaller

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_worker.engine.lru import ByteBudgetLru
+from llava_worker.engine.lru import CountedCache
 
 #: Per layer, (keys, values) of one sequence: (1, heads, tokens, head dim) each.
 LayerStates = list[tuple[torch.Tensor, torch.Tensor]]
@@ -60,27 +60,13 @@ class _Stored:
     states: LayerStates
 
 
-class PrefixCache:
+class PrefixCache(CountedCache[int, "_Stored"]):
     """Finished sequences' KV states within a byte budget, least recently used out first."""
 
     def __init__(self, budget_bytes: int) -> None:
-        self._entries: ByteBudgetLru[int, _Stored] = ByteBudgetLru(budget_bytes)
+        super().__init__(budget_bytes)
         self._names = itertools.count()
-        self.hits = 0
-        self.misses = 0
         self.reused_tokens = 0
-
-    @property
-    def budget(self) -> int:
-        return self._entries.budget
-
-    @property
-    def size(self) -> int:
-        return self._entries.size
-
-    @property
-    def evictions(self) -> int:
-        return self._entries.evictions
 
     def lookup(self, key: SequenceKey, limit: int) -> tuple[int, LayerStates | None]:
         """The longest stored prefix of `key`, at most `limit` tokens: its length and its states

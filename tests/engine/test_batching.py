@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
 import pytest
 
+from tests.support.kinds import KINDS
 from tests.support.payloads import PROMPT_1, PROMPT_2, TEXT_PROMPT, encode_image, greedy
 from tests.support.reference import reference_text
 from tests.support.servers import StreamingClient, wait_until
@@ -34,18 +34,7 @@ def _cases(kind: str) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "text-only",
-        "llava-1.5",
-        "llava-next",
-        pytest.param(
-            "internvl",
-            marks=pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_request_in_a_batch_gets_what_generate_gives_it_alone(start_worker, kind):
     # Prompts go in large pieces, so the three first requests are all decoding before the first ends
     # (tests/engine/test_prefill_exactness.py covers small pieces).

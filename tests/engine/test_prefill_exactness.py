@@ -11,7 +11,6 @@ caches on, and with a prefix budget so small that entries are evicted mid-conver
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,22 +25,13 @@ from llava_worker.engine.streams import GenerationOutput
 from llava_worker.models.images import ImageLimits
 from llava_worker.models.inputs import prepare_inputs
 from llava_worker.models.loaded import LoadedModel
+from tests.support.kinds import KINDS
 from tests.support.payloads import encode_image
 from tests.support.reference import reference_text
 from tests.support.servers import ModelCache
 
 WAIT = 60.0
 MiB = 1 << 20
-
-KINDS = [
-    "text-only",
-    "llava-1.5",
-    "llava-next",
-    pytest.param(
-        "internvl",
-        marks=pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision"),
-    ),
-]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import logging
 import time
@@ -14,6 +13,7 @@ import requests
 
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT
+from tests.support.kinds import needs_torchvision
 from tests.support.payloads import PROMPT_1, PROMPT_2, TEXT_PROMPT, encode_image, greedy
 from tests.support.reference import reference_text, reference_tokens
 from tests.support.servers import StreamingClient, wait_until
@@ -35,11 +35,6 @@ def test_wire_format_is_nul_delimited_json_that_only_grows(start_worker):
         assert chunk["text"].startswith(PROMPT_1)
         assert chunk["text"].startswith(previous) and chunk["text"] != previous
         previous = chunk["text"]
-
-
-needs_torchvision = pytest.mark.skipif(
-    importlib.util.find_spec("torchvision") is None, reason="InternVL's processor needs torchvision"
-)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ features per image that equal the model's own for the whole prompt."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +14,16 @@ from llava_worker.models.images import ImageLimits
 from llava_worker.models.inputs import prepare_inputs
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.models.vision import encode_images, image_token_id, tower_layout
+from tests.support.kinds import IMAGE_KINDS
 from tests.support.payloads import PROMPT_2, encode_image
 from tests.support.servers import ModelCache
-
-KINDS = [
-    "llava-1.5",
-    "llava-next",
-    pytest.param(
-        "internvl",
-        marks=pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision"),
-    ),
-]
 
 
 def loaded_model(checkpoints: dict[str, Path], models: ModelCache, kind: str) -> LoadedModel:
     return models.get(WorkerConfig(model_path=str(checkpoints[kind]), device="cpu", no_register=True))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
 def test_each_image_gets_its_token_run_and_the_features_the_model_computes(
     checkpoints: dict[str, Path], models: ModelCache, kind: str
 ) -> None:
