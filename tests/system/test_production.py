@@ -304,7 +304,9 @@ def test_requests_survive_a_controller_kill_and_the_worker_registers_again(start
 
     restarted = start_controller(port=controller.port)
     wait_until(lambda: name in restarted.list_models(), 20, "registration with the restarted controller")
-    assert link.registered
+    # The controller lists the worker as soon as it reads the registration; the worker marks itself
+    # registered only once the answer is back, a moment later.
+    wait_until(lambda: link.registered, 10, "the worker to see its registration answered")
     assert restarted.worker_address(name) == worker.url
     via_controller = stream_chunks(restarted.url, {**greedy(TEXT_PROMPT, max_new_tokens=12), "model": name})
     assert via_controller[-1] == {"text": expected_short, "error_code": 0}
