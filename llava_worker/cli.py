@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from llava_worker.config import WorkerConfig, validate_config
 from llava_worker.errors import StartupError
 from llava_worker.flags import config_flags
+from llava_worker.logs import RepeatLimit
 
 logger = logging.getLogger("llava_worker")
 
@@ -61,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def configure_logging(log_file: str | None) -> None:
-    """Log lines go to stderr, and to `log_file` too when given; stdout and stderr stay untouched."""
+    """Log lines go to stderr, and to `log_file` too when given; stdout and stderr stay untouched.
+    Lines that repeat in a burst are dropped past a few (RepeatLimit), so no fault can flood the log."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         try:
@@ -69,4 +71,7 @@ def configure_logging(log_file: str | None) -> None:
         except OSError as exc:
             print(f"llava-worker: error: --log-file {log_file}: {exc.strerror}", file=sys.stderr)
             sys.exit(2)
+    repeat_limit = RepeatLimit()
+    for handler in handlers:
+        handler.addFilter(repeat_limit)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)

@@ -107,8 +107,11 @@ class WorkerConfig:
     log_file: str | None = None
     """Also write the log to this file."""
     max_connections: int = 512
-    """Connections (and requests in flight) the server takes at once; beyond that it answers 503 at once,
-    so idle or slow clients cannot take every file descriptor."""
+    """Connections the server keeps open at once; one more is answered 503 and closed, so idle or slow
+    clients cannot take every file descriptor. Lowered at start-up to fit the process's open-file limit."""
+    header_timeout: float = 10.0
+    """Seconds a request's headers may take to arrive, counted from the connection (or from the first byte
+    of a later request on it); a connection that sends them slower is closed."""
     keep_alive_timeout: int = 5
     """Seconds an idle keep-alive connection stays open."""
     body_timeout: float = 30.0
@@ -206,6 +209,7 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--keepalive-interval": config.keepalive_interval,
         "--max-request-bytes": config.max_request_bytes,
         "--max-connections": config.max_connections,
+        "--header-timeout": config.header_timeout,
         "--keep-alive-timeout": config.keep_alive_timeout,
         "--body-timeout": config.body_timeout,
         "--max-images": config.max_images,

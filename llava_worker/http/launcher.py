@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from llava_worker.http.app import create_app
+from llava_worker.http.connections import ConnectionRules, connection_cap, guarded_protocol
 
 if TYPE_CHECKING:
     from llava_worker.worker import ModelWorker
@@ -61,15 +62,18 @@ class DrainingServer(uvicorn.Server):
 
 
 def server_config(worker: ModelWorker, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
-    """uvicorn's settings for `worker`: its app, and the connection limits of its flags."""
+    """uvicorn's settings for `worker`: its app, and the connection rules of its flags."""
     config = worker.config
+    rules = ConnectionRules(connection_cap(config.max_connections), config.header_timeout)
     return uvicorn.Config(
         create_app(worker),
         host=host,
         port=port,
         log_level=log_level,
-        limit_concurrency=config.max_connections,
+        http=guarded_protocol(rules),
         timeout_keep_alive=config.keep_alive_timeout,
+        # uvicorn's lines go through the worker's own handlers: one format, --log-file, the repeat limit.
+        log_config=None,
     )
 
 

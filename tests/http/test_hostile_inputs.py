@@ -553,3 +553,90 @@ def test_idle_connections_are_closed_and_capped(start_worker):
             break
         time.sleep(0.1)
     assert_serves_afterwards(worker)
+
+
+def read_until_closed(connection: socket.socket, within: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and the seconds that took."""
+    began = time.monotonic()
+    connection.settimeout(within)
+    answer = b""
+    while True:
+        try:
+            data = connection.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not data:
+            break
+        answer += data
+    return answer, time.monotonic() - began
+
+
+def test_headers_sent_too_slowly_or_never_close_the_connection(start_worker):
+    worker = start_worker("text-only", header_timeout=1.0, keep_alive_timeout=30)
+    # A connection that never sends a byte.
+    with raw_connection(worker) as silent:
+        answer, took = read_until_closed(silent, 10)
+    assert answer == b"" and took < 4
+    # Headers a byte at a time: each byte would have reset uvicorn's keep-alive timer.
+    with raw_connection(worker) as slow:
+        began = time.monotonic()
+        closed = False
+        for byte in b"POST /worker_get_status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n":
+            try:
+                slow.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.1)
+            if time.monotonic() - began > 6:
+                break
+        if not closed:
+            answer, _ = read_until_closed(slow, 5)
+            assert b"queue_length" not in answer
+    assert time.monotonic() - began < 6
+    # The deadline counts again for a later request on a kept-alive connection.
+    with raw_connection(worker) as kept:
+        kept.sendall(b"POST /worker_get_status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        answer = b""
+        while b"queue_length" not in answer:
+            answer += kept.recv(65536)
+        kept.sendall(b"POST /worker_get")  # ... and nothing more
+        answer, took = read_until_closed(kept, 10)
+    assert answer == b"" and took < 4
+    assert_serves_afterwards(worker)
+
+
+HALF_CLOSED_REQUESTS = {
+    "/worker_generate_stream": greedy(TEXT_PROMPT, max_new_tokens=6),
+    "/worker_generate": greedy(TEXT_PROMPT, max_new_tokens=6),
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6},
+}
+
+
+@pytest.mark.parametrize("route", list(HALF_CLOSED_REQUESTS))
+def test_a_client_that_half_closes_after_its_request_gets_its_answer(start_worker, route):
+    """Like `nc -N`: the request is sent, the client shuts its sending side, then reads."""
+    worker = start_worker("text-only")
+    payload = dict(HALF_CLOSED_REQUESTS[route])
+    if route.startswith("/v1"):
+        payload["model"] = worker.worker.model_name
+    body = json.dumps(payload).encode()
+    with raw_connection(worker) as connection:
+        connection.sendall(
+            f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        connection.shutdown(socket.SHUT_WR)
+        answer, took = read_until_closed(connection, 30)
+    assert took < 30, "the server closes the connection after the answer"
+    final = answer[answer.index(b"HTTP/1.1 2") :]  # interim `100 Continue` lines may come first
+    assert final.startswith(b"HTTP/1.1 200 OK"), answer[:300]
+    body_text = final.split(b"\r\n\r\n", 1)[1]
+    if route == "/worker_generate_stream":
+        assert b'"error_code": 0' in body_text
+    elif route == "/worker_generate":
+        assert b'"error_code":0' in body_text.replace(b" ", b"")
+    else:
+        assert b'"finish_reason"' in body_text
+    assert_serves_afterwards(worker)

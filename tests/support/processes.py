@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +31,30 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+def _limit_open_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 class WorkerProcess:
     """One `python -m llava_worker` on 127.0.0.1, its stderr kept in a file."""
 
-    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_dir: Path, env: dict[str, str] | None = None, open_files: int | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = log_dir / f"worker-{self.port}.err"
         command = worker_command("--host", "127.0.0.1", "--port", str(self.port), "--worker-address", self.url, *args)
         with open(self.stderr_path, "wb") as stderr, open(log_dir / f"worker-{self.port}.out", "wb") as stdout:
             environment = worker_env() | (env or {})
-            self.process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=stdout, stderr=stderr)
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=environment,
+                stdout=stdout,
+                stderr=stderr,
+                preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
+            )
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
 from llava_worker.admission import AdmissionGate
 from llava_worker.errors import InvalidRequestError
+from llava_worker.logs import RepeatLimit
 from llava_worker.protocol import encode_chunk, parse_generate_params, worker_status
 
 
@@ -67,3 +69,21 @@ def test_parameters_have_the_originals_defaults_and_stop_may_be_a_list():
 def test_wrong_json_types_are_refused(body):
     with pytest.raises(InvalidRequestError):
         parse_generate_params(body)
+
+
+def test_repeat_limit_passes_a_few_lines_of_a_kind_per_window_then_counts_the_rest():
+    now = [0.0]
+    limit = RepeatLimit(repeats=3, window=10.0, clock=lambda: now[0])
+    logger = logging.getLogger("tests.repeat_limit")
+
+    def record(message: str, *args: object) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.ERROR, __file__, 1, message, args, None)
+
+    passed = [r for r in (record("accept failed: %s", n) for n in range(1000)) if limit.filter(r)]
+    assert [r.getMessage() for r in passed[:2]] == ["accept failed: 0", "accept failed: 1"]
+    assert len(passed) == 3 and "more like this are dropped" in passed[2].getMessage()
+    assert limit.filter(record("another kind of line"))  # kinds have their own allowance
+    now[0] = 10.5
+    first = record("accept failed: %s", "again")
+    assert limit.filter(first)
+    assert first.getMessage() == "accept failed: again [997 more like this were dropped in the previous 10 s]"
