@@ -148,6 +148,13 @@ class WorkerConfig:
     """Let `/v1/chat/completions` fetch `http(s)` image URLs; without it only `data:` URLs are accepted."""
     remote_image_timeout: float = 10.0
     """Seconds one remote image may take to arrive in full."""
+    allow_private_image_hosts: bool = False
+    """Let remote image URLs reach private, loopback, link-local and other non-public addresses (checked
+    after the host name is resolved, and the connection made to the checked address). Off by default,
+    so that requests cannot make the worker reach into its own network."""
+    image_fetchers: int = 4
+    """Requests fetching remote images at the same time; the others wait their turn, counted against
+    `--max-queue`."""
     serve_api_docs: bool = False
     """Serve FastAPI's interactive API docs and schema (`/docs`, `/redoc`, `/openapi.json`); off by default,
     so an exposed worker does not describe itself to strangers."""
@@ -224,6 +231,7 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--input-threads": config.input_threads,
         "--max-prompt-tokens": config.max_prompt_tokens if config.max_prompt_tokens is not None else 1,
         "--remote-image-timeout": config.remote_image_timeout,
+        "--image-fetchers": config.image_fetchers,
     }
     for flag, value in positive.items():
         if value <= 0:

@@ -22,6 +22,7 @@ from llava_worker.http.failures import (
 )
 from llava_worker.http.fastchat import conversation_template, final_body, stream_bytes
 from llava_worker.http.openai import openai_router
+from llava_worker.http.remote_images import RemoteImages
 from llava_worker.metrics import METRICS_CONTENT_TYPE
 from llava_worker.protocol import GenerateParams, json_object, parse_generate_params
 
@@ -53,7 +54,8 @@ def create_app(worker: ModelWorker) -> FastAPI:
     app.include_router(_generate_router(worker))
     app.include_router(_fastchat_router(worker))
     app.include_router(_probe_router(worker))
-    app.include_router(openai_router(worker))
+    app.state.remote_images = RemoteImages(worker.config, worker.check_queue)
+    app.include_router(openai_router(worker, app.state.remote_images))
     return app
 
 

@@ -31,7 +31,7 @@ from llava_worker.http.openai_requests import (
     generate_params,
     parse_chat_request,
 )
-from llava_worker.http.remote_images import fetch_remote_images
+from llava_worker.http.remote_images import RemoteImages
 from llava_worker.protocol import GenerateParams, usage
 
 if TYPE_CHECKING:
@@ -149,8 +149,8 @@ def _model_not_found(name: str, served: str) -> RequestError:
     )
 
 
-def openai_router(worker: ModelWorker) -> APIRouter:
-    """The OpenAI-compatible routes of `worker`."""
+def openai_router(worker: ModelWorker, remote_images: RemoteImages) -> APIRouter:
+    """The OpenAI-compatible routes of `worker`; `remote_images` fetches the images chats name by URL."""
     router = APIRouter(prefix="/v1")
     started = int(time.time())
 
@@ -169,12 +169,12 @@ def openai_router(worker: ModelWorker) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _chat_completion(request, worker)
+        return await _chat_completion(request, worker, remote_images)
 
     return router
 
 
-async def _chat_completion(request: Request, worker: ModelWorker) -> Response:
+async def _chat_completion(request: Request, worker: ModelWorker, remote_images: RemoteImages) -> Response:
     request_id = new_request_id()
     # 1. Refuse what cannot run before it takes a slot, as the worker's own routes do.
     try:
@@ -185,7 +185,10 @@ async def _chat_completion(request: Request, worker: ModelWorker) -> Response:
         )
         if chat.model != worker.model_name:
             raise _model_not_found(chat.model, worker.model_name)
-        params = await _params_of(chat, worker)
+        params = await _params_of(chat, worker, remote_images, request)
+    except ClientDisconnected:
+        worker.metrics.count("cancelled")
+        return gone_response()
     except Exception as exc:
         worker.metrics.count(outcome_of(exc))
         return openai_error_response(exc, request_id)
@@ -222,8 +225,11 @@ async def _chat_completion(request: Request, worker: ModelWorker) -> Response:
         return openai_error_response(exc, request_id)
 
 
-async def _params_of(chat: ChatCompletionRequest, worker: ModelWorker) -> GenerateParams:
-    """The chat's GenerateParams: URLs checked, the prompt rendered, then remote images fetched."""
+async def _params_of(
+    chat: ChatCompletionRequest, worker: ModelWorker, remote_images: RemoteImages, request: Request
+) -> GenerateParams:
+    """The chat's GenerateParams: URLs checked, the prompt rendered, then remote images fetched (for as
+    long as the client stays)."""
     config = worker.config
     messages, urls = chat_messages(chat, worker.takes_images)
     check_image_urls(urls, config.max_images, config.allow_remote_images)
@@ -231,4 +237,4 @@ async def _params_of(chat: ChatCompletionRequest, worker: ModelWorker) -> Genera
         prompt = await worker.render_chat_prompt(messages, len(urls))
     except InvalidRequestError as exc:
         raise RequestError(str(exc), param="messages") from None
-    return generate_params(chat, prompt, await fetch_remote_images(urls, config))
+    return generate_params(chat, prompt, await while_connected(request, remote_images.fetch(urls)))

@@ -172,13 +172,13 @@ def _file_bytes(encoded: str, label: str, limits: ImageLimits) -> bytes:
 def _unreadable(label: str, raw: bytes, formats: tuple[str, ...]) -> str:
     """Why no accepted decoder took `raw`: a format outside `formats`, named, or no image at all."""
     accepted = ", ".join(formats)
-    found = _format_of(raw)
+    found = image_format_of(raw)
     if found is None or found in formats:
         return f"{label} is not in an image format the worker can read ({accepted})"
     return f"{label} looks like a {found} file; accepted image formats: {accepted}"
 
 
-def _format_of(raw: bytes) -> str | None:
+def image_format_of(raw: bytes) -> str | None:
     """The format whose signature `raw` starts with, by Pillow's signature checks alone: no decoder
     of a refused format reads it."""
     Image.init()

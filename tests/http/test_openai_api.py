@@ -19,6 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
+from llava_worker.http.remote_images import is_public_address
 from llava_worker.models.chat_prompt import render_prompt
 from tests.support.payloads import TEXT_PROMPT, encode_image, greedy
 from tests.support.reference import reference_tokens
@@ -455,13 +456,24 @@ PNG = base64.b64decode(encode_image(1))
 BIG = 50_000
 
 
+class Hits(dict[str, int]):
+    """Requests per path, and the Host header of each in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hosts: list[str] = []
+
+
 class ImageHandler(BaseHTTPRequestHandler):
-    hits: dict[str, int]
+    hits: Hits
 
     def do_GET(self) -> None:
         self.hits[self.path] = self.hits.get(self.path, 0) + 1
-        if self.path == "/cat.png":
-            self.answer(200, PNG, {"Content-Type": "image/png"})
+        self.hits.hosts.append(self.headers.get("Host", ""))
+        plain = {"/cat.png": (PNG, "image/png"), "/page": (b"<html>a web page, not an image</html>", "text/html")}
+        if self.path in plain:
+            body, kind = plain[self.path]
+            self.answer(200, body, {"Content-Type": kind})
         elif self.path in ("/moved", "/to-file", "/loop"):
             target = {"/moved": "/cat.png", "/to-file": "file:///etc/passwd", "/loop": "/loop"}[self.path]
             self.answer(302, b"", {"Location": target})
@@ -514,8 +526,8 @@ class ImageHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def image_server() -> Iterator[tuple[str, dict[str, int]]]:
-    hits: dict[str, int] = {}
+def image_server() -> Iterator[tuple[str, Hits]]:
+    hits = Hits()
     handler = type("Handler", (ImageHandler,), {"hits": hits})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
@@ -540,7 +552,7 @@ def ask_about(worker: RunningWorker, *urls: str) -> str:
 
 def test_remote_images_are_fetched_when_allowed(start_worker, image_server):
     base, hits = image_server
-    worker = start_worker("llava-1.5", allow_remote_images=True)
+    worker = start_worker("llava-1.5", allow_remote_images=True, allow_private_image_hosts=True)
     prompt = template_prompt(
         worker,
         [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}, {"type": "image"}]}],
@@ -561,19 +573,30 @@ def test_remote_images_are_refused_when_not_allowed(start_worker, image_server):
     assert hits == {}
 
 
-def test_remote_image_refusals(start_worker, image_server):
+def fetch_refusal(worker: RunningWorker, *urls: str) -> str:
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask_about(worker, *urls)
+    return str(refused.value.body["message"])  # type: ignore[index]
+
+
+def test_remote_image_refusals_all_read_the_same(start_worker, image_server):
+    """Refused, not found, not an image, too big, redirected away: one text, so that a client cannot
+    map what only the worker can reach."""
     base, hits = image_server
-    worker = start_worker("llava-1.5", allow_remote_images=True, remote_image_timeout=0.5, max_image_bytes=10_000)
-    refusals = [
-        ("/big", "image 1 is larger than the 10000 bytes accepted"),
-        ("/endless", "image 1 is larger than the 10000 bytes accepted"),
-        ("/to-file", "image 1 was redirected to 'file:"),
-        ("/loop", "image 1 was redirected more than 3 times"),
-        ("/missing", "image 1 could not be fetched: HTTP 404 from"),
-    ]
-    for path, message in refusals:
-        with pytest.raises(openai.BadRequestError, match=re.escape(message)):
-            ask_about(worker, base + path)
+    worker = start_worker(
+        "llava-1.5",
+        allow_remote_images=True,
+        allow_private_image_hosts=True,
+        remote_image_timeout=0.5,
+        max_image_bytes=10_000,
+    )
+    closed_port = base.rsplit(":", 1)[0] + ":1"
+    urls = ["/big", "/endless", "/to-file", "/loop", "/missing", "/page"]
+    texts = {fetch_refusal(worker, base + path) for path in urls} | {fetch_refusal(worker, closed_port + "/cat.png")}
+    assert len(texts) == 1, texts
+    text = texts.pop()
+    assert text.startswith("image 1 could not be fetched; a remote image must be an http(s) URL that answers 200")
+    assert "of at most 10000 bytes" in text
     for url in ("file:///etc/passwd", "ftp://127.0.0.1/cat.png"):
         with pytest.raises(openai.BadRequestError, match="only data: and http\\(s\\) URLs are accepted"):
             ask_about(worker, url)
@@ -594,5 +617,108 @@ def test_remote_image_refusals(start_worker, image_server):
     assert httpx.get(worker.url + "/health", timeout=0.3).status_code == 200
     slow.join(timeout=10)
     assert time.monotonic() - started < 3
-    assert len(failure) == 1 and "image 1 did not arrive within 0.5 s" in str(failure[0])
+    assert len(failure) == 1 and "image 1 could not be fetched" in str(failure[0])
     assert ask_about(worker, base + "/cat.png")
+
+
+def test_remote_images_on_private_addresses_are_refused_by_default(start_worker, image_server):
+    base, hits = image_server
+    worker = start_worker("llava-1.5", allow_remote_images=True)
+    port = base.rsplit(":", 1)[1]
+    # Loopback by name, by number, in decimal and hex (which resolve to 127.0.0.1), and over IPv6.
+    hosts = ["127.0.0.1", "localhost", "2130706433", "0x7f000001", "127.1", "[::1]", "[::ffff:127.0.0.1]"]
+    texts = {fetch_refusal(worker, f"http://{host}:{port}/cat.png") for host in hosts}
+    assert len(texts) == 1, texts
+    assert texts.pop().startswith(
+        "image 1 could not be fetched; a remote image must be an http(s) URL of a public address that answers 200"
+    )
+    assert hits == {}, "nothing was fetched"
+
+
+def test_a_checked_host_is_connected_to_at_the_address_that_was_checked(start_worker, image_server, monkeypatch):
+    """The host is resolved once, checked, and that address dialled, under the URL's own Host header
+    (a second resolution could answer differently). Loopback stands in for a public address here."""
+    base, hits = image_server
+    worker = start_worker("llava-1.5", allow_remote_images=True)
+    resolved: list[str] = []
+
+    def public(address: str) -> bool:
+        resolved.append(address)
+        return True
+
+    monkeypatch.setattr("llava_worker.http.remote_images.is_public_address", public)
+    port = base.rsplit(":", 1)[1]
+    assert ask_about(worker, f"http://localhost:{port}/moved")
+    assert hits == {"/moved": 1, "/cat.png": 1}
+    assert hits.hosts == [f"localhost:{port}", f"localhost:{port}"]
+    assert resolved and all(address in ("127.0.0.1", "::1") for address in resolved)
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("127.0.0.1", False),
+        ("169.254.169.254", False),  # cloud metadata services live here
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fc00::1", False),
+        ("::ffff:10.0.0.1", False),
+        ("2002:7f00:1::", False),  # 6to4 around 127.0.0.1
+    ],
+)
+def test_which_addresses_count_as_public(address, public):
+    assert is_public_address(address) is public
+
+
+def test_remote_images_share_one_byte_budget_per_request(start_worker, image_server):
+    base, _ = image_server
+    budget = int(len(PNG) * 2.5)
+    worker = start_worker(
+        "llava-1.5", allow_remote_images=True, allow_private_image_hosts=True, max_request_bytes=budget
+    )
+    assert ask_about(worker, base + "/cat.png", base + "/cat.png")
+    text = fetch_refusal(worker, base + "/cat.png", base + "/cat.png", base + "/cat.png")
+    assert text.startswith("image 3 could not be fetched") and f"together at most {budget} bytes" in text
+
+
+def test_remote_fetches_are_bounded_in_concurrency_and_counted_against_the_queue(start_worker, image_server):
+    base, hits = image_server
+    worker = start_worker(
+        "llava-1.5",
+        allow_remote_images=True,
+        allow_private_image_hosts=True,
+        remote_image_timeout=3,
+        image_fetchers=1,
+        max_queue=1,
+    )
+    outcomes: list[BaseException | str] = []
+
+    def ask(path: str) -> None:
+        try:
+            outcomes.append(ask_about(worker, base + path))
+        except openai.APIError as exc:
+            outcomes.append(exc)
+
+    first = threading.Thread(target=ask, args=("/slow",), daemon=True)
+    first.start()
+    wait_until(lambda: hits.get("/slow") == 1, 5, "the slow image to be fetched")
+    second = threading.Thread(target=ask, args=("/cat.png",), daemon=True)
+    second.start()
+    remote_images = worker.app.state.remote_images
+    wait_until(lambda: remote_images.waiting == 1, 5, "the second request to wait for the place")
+    with pytest.raises(openai.RateLimitError) as third:
+        ask_about(worker, base + "/cat.png")
+    assert third.value.code == "queue_full"
+    assert "/cat.png" not in hits, "neither waiting request fetched while the slow one held the place"
+    first.join(10)
+    second.join(30)
+    assert hits["/cat.png"] == 1
+    assert isinstance(outcomes[0], openai.BadRequestError) and isinstance(outcomes[1], str)

@@ -79,6 +79,11 @@ class RunningWorker:
         self._thread.join(timeout=20)
 
     @property
+    def app(self) -> Any:
+        """The FastAPI app served."""
+        return self._server.config.app
+
+    @property
     def running(self) -> bool:
         """Whether the server thread is still alive (after stop(): it did not shut down in time)."""
         return self._thread.is_alive()
