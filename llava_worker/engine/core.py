@@ -286,6 +286,8 @@ class Engine:
             held += 0 if request.cancelled.is_set() else _kv_need(request)
             if request.cancelled.is_set():
                 self._finish(request, GenerationOutput(finish_reason="cancelled"))
+            elif not self._move_to_device(request):
+                continue
             elif self._mergeable is None and not newcomers:
                 # The first prefill tells whether caches can be merged; until then, one at a time.
                 active.extend(self._prefill([request], batch))
@@ -307,6 +309,8 @@ class Engine:
             held += 0 if request.cancelled.is_set() else _kv_need(request)
             if request.cancelled.is_set():
                 self._finish(request, GenerationOutput(finish_reason="cancelled"))
+            elif not self._move_to_device(request):
+                continue
             elif request.inputs.images is None:
                 # Images the engine cannot take apart: this prompt goes through the forward whole.
                 active.extend(self._prefill([request], batch))
@@ -334,6 +338,16 @@ class Engine:
                 self._observer.queued(now - request.submitted_at)
         self._groups.append(group)
         self._group_requests[id(group)] = newcomers
+
+    def _move_to_device(self, request: _Request) -> bool:
+        """Admission is when a request's inputs reach the device: waiting, they take host memory only.
+        False (and the request failed) when they cannot."""
+        try:
+            request.inputs = request.inputs.on_device(self._loaded.device)
+        except Exception as exc:
+            self._fail_all([request], _as_worker_error(exc))
+            return False
+        return True
 
     def _tokens_held(self, active: list[_Request]) -> int:
         prefilling = [request for requests in self._group_requests.values() for request in requests]
@@ -548,6 +562,7 @@ class Engine:
         batch.keep([row for row in range(len(active)) if row != newest])
         del active[newest]
         request.resumed = True
+        request.inputs = request.inputs.on_device(torch.device("cpu"))  # its wait holds no device memory
         self._preempted.append(request)
         # What the others hold is what fits: the newest comes back once enough of them have left.
         held = max(self._tokens_held(active), 1)

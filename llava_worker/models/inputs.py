@@ -21,7 +21,8 @@ FASTCHAT_IMAGE_PLACEHOLDER = "$$<image>$$"
 
 @dataclass
 class PreparedInputs:
-    """Tensors for `model.generate` / a forward pass, already on the model's device."""
+    """Tensors for `model.generate` / a forward pass, in the model's dtype but still in host memory:
+    a request that waits for its turn holds no device memory. `on_device` moves them at admission."""
 
     tensors: dict[str, Any]
     """`input_ids`, `attention_mask` and, with images, `pixel_values` (+ `image_sizes`)."""
@@ -35,6 +36,17 @@ class PreparedInputs:
     def input_ids(self) -> torch.Tensor:
         ids: torch.Tensor = self.tensors["input_ids"]
         return ids
+
+    def on_device(self, device: torch.device) -> PreparedInputs:
+        """The same inputs on `device` (the images' tower inputs too)."""
+        spans = self.images
+        if spans:
+            spans = tuple(
+                replace(span, pixels={name: _moved(value, device) for name, value in span.pixels.items()})
+                for span in spans
+            )
+        tensors = {name: _moved(value, device) for name, value in self.tensors.items()}
+        return replace(self, tensors=tensors, images=spans)
 
 
 def prepare_inputs(
@@ -73,10 +85,10 @@ def prepare_inputs(
     spans = image_spans(loaded.model, tensors)
     if spans:
         spans = tuple(
-            replace(span, pixels={name: _on_device(value, loaded) for name, value in span.pixels.items()})
+            replace(span, pixels={name: _in_model_dtype(value, loaded) for name, value in span.pixels.items()})
             for span in spans
         )
-    tensors = {name: _on_device(value, loaded) for name, value in tensors.items()}
+    tensors = {name: _in_model_dtype(value, loaded) for name, value in tensors.items()}
     prompt_tokens = int(tensors["input_ids"].shape[-1])
     if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
         raise InvalidRequestError(
@@ -118,9 +130,12 @@ def _check_image_count(loaded: LoadedModel, prompt: str, images: int) -> None:
         )
 
 
-def _on_device(value: Any, loaded: LoadedModel) -> Any:
-    """A tensor moved to the model's device (floating point ones in its dtype); anything else as it is."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    value = value.to(loaded.device)
-    return value.to(loaded.dtype) if value.is_floating_point() else value
+def _in_model_dtype(value: Any, loaded: LoadedModel) -> Any:
+    """A floating point tensor in the model's dtype; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(loaded.dtype)
+    return value
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -25,7 +25,7 @@ from llava_worker.engine.sampling import SamplingParams
 from llava_worker.engine.streams import GenerationOutput
 from llava_worker.errors import GenerationError
 from llava_worker.models.images import ImageLimits
-from llava_worker.models.inputs import prepare_inputs
+from llava_worker.models.inputs import PreparedInputs, prepare_inputs
 from llava_worker.models.loaded import LoadedModel
 from tests.support.reference import reference_tokens
 from tests.support.servers import ModelCache
@@ -370,6 +370,35 @@ def test_max_batch_bounds_the_batch(start_engine: StartEngine, loaded: LoadedMod
     # The third waited for a free row, then decoded with the others.
     assert engine.peak_batch == 2
     assert max(hooked.decode_rows()) == 2
+
+
+def test_a_request_moves_its_inputs_to_the_device_only_when_admitted(
+    start_engine: StartEngine, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    moved: list[int] = []
+    original = PreparedInputs.on_device
+
+    def recording(inputs: PreparedInputs, device: torch.device) -> PreparedInputs:
+        moved.append(inputs.prompt_tokens)
+        return original(inputs, device)
+
+    monkeypatch.setattr(PreparedInputs, "on_device", recording)
+    engine, hooked = start_engine(max_batch=1)
+    first_request, second_request = make_request(loaded, "sea", 8), make_request(loaded, "hi", 8)
+    assert first_request.inputs.prompt_tokens != second_request.inputs.prompt_tokens
+
+    async def scenario() -> None:
+        first = hooked.hold(nth=1)
+        handles = [engine.submit(first_request)]
+        await first.reached()
+        handles.append(engine.submit(second_request))
+        await asyncio.sleep(0.2)
+        assert moved == [first_request.inputs.prompt_tokens], "the waiting request holds no device memory"
+        first.release()
+        await asyncio.gather(*(final_of(handle) for handle in handles))
+
+    asyncio.run(scenario())
+    assert moved == [first_request.inputs.prompt_tokens, second_request.inputs.prompt_tokens]
 
 
 def test_stop_strings_and_stop_token_ids_end_a_request_with_stop(

@@ -3,6 +3,7 @@ features per image that equal the model's own for the whole prompt."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,19 @@ def test_images_with_no_token_between_them_go_through_the_model_whole(
     assert inputs.images is None
     text = prepare_inputs(loaded, "USER: Hi ASSISTANT:", (), ImageLimits())
     assert text.images == ()
+
+
+def test_prepared_inputs_stay_in_host_memory_until_moved(checkpoints: dict[str, Path], models: ModelCache) -> None:
+    """Preparing happens before a request waits for its turn: nothing of it may sit on the device yet."""
+    loaded = loaded_model(checkpoints, models, "llava-1.5")
+    on_meta = replace(loaded, device=torch.device("meta"))  # a device no host tensor is on
+    inputs = prepare_inputs(on_meta, PROMPT_2, (encode_image(5), encode_image(6)), ImageLimits())
+    assert inputs.images
+    host = [*inputs.tensors.values(), *(v for span in inputs.images for v in span.pixels.values())]
+    assert all(t.device.type == "cpu" for t in host if isinstance(t, torch.Tensor))
+    assert inputs.tensors["pixel_values"].dtype == loaded.dtype
+    moved = inputs.on_device(torch.device("meta"))
+    assert moved.images
+    on_device = [*moved.tensors.values(), *(v for span in moved.images for v in span.pixels.values())]
+    assert all(t.device.type == "meta" for t in on_device if isinstance(t, torch.Tensor))
+    assert [span.key for span in moved.images] == [span.key for span in inputs.images]
