@@ -28,6 +28,7 @@ from llava_worker.errors import (
     ShuttingDownError,
     outcome_of,
 )
+from llava_worker.host_memory import IdleTrimmer
 from llava_worker.metrics import WorkerMetrics
 from llava_worker.models.chat_prompt import render_prompt
 from llava_worker.models.images import ImageLimits
@@ -99,6 +100,9 @@ class ModelWorker:
         # prompts) is bounded in threads, and cannot make short text requests wait behind it.
         self._light_inputs = ThreadPoolExecutor(LIGHT_INPUT_THREADS, thread_name_prefix="inputs-light")
         self._heavy_inputs = ThreadPoolExecutor(config.input_threads, thread_name_prefix="inputs-heavy")
+        self._input_work_running = 0
+        # What large requests freed goes back to the system once nothing runs (see host_memory.py).
+        self.memory_trimmer = IdleTrimmer(self._is_idle)
         self.draining = False
         self.controller: ControllerLink | None = None
         if not config.no_register:
@@ -151,6 +155,7 @@ class ModelWorker:
         )
 
     async def stop(self) -> None:
+        self.memory_trimmer.cancel()
         if self.controller is not None:
             await self.controller.stop()
         await asyncio.to_thread(self.engine.stop)
@@ -284,7 +289,16 @@ class ModelWorker:
     async def _run_input_work(self, characters: int, images: bool, work: Callable[[], T]) -> T:
         heavy = images or characters > LIGHT_PROMPT_CHARS
         pool = self._heavy_inputs if heavy else self._light_inputs
-        return await asyncio.get_running_loop().run_in_executor(pool, work)
+        self._input_work_running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, work)
+        finally:
+            self._input_work_running -= 1
+            if heavy:
+                self.memory_trimmer.poke()
+
+    def _is_idle(self) -> bool:
+        return self.gate.queue_length == 0 and self._input_work_running == 0
 
     def _check_prompt_length(self, prompt: str) -> None:
         """No token is longer than `longest_token_chars` characters, so a prompt longer than the
@@ -390,6 +404,7 @@ class ModelWorker:
     def _finish(self, slot: Slot, record: _RequestRecord, final: GenerationOutput) -> None:
         """Runs when a request has left the engine, however it ended: frees its slot and logs it."""
         slot.release()
+        self.memory_trimmer.poke()
         self._notify_controller()
         self.metrics.generated_tokens.inc(final.completion_tokens)
         outcome = "error" if final.error is not None else final.finish_reason

@@ -20,7 +20,13 @@ CONTRACTS = {
     "llava_worker.protocol",
     "llava_worker.chunks",
 }
-WORKER = {"llava_worker.worker", "llava_worker.admission", "llava_worker.controller", "llava_worker.metrics"}
+WORKER = {
+    "llava_worker.worker",
+    "llava_worker.host_memory",
+    "llava_worker.admission",
+    "llava_worker.controller",
+    "llava_worker.metrics",
+}
 PROCESS = {"llava_worker.cli", "llava_worker.flags", "llava_worker.logs", "llava_worker.__main__"}
 RANKS = {"contracts": 0, "models": 1, "testing": 2, "engine": 2, "worker": 3, "http": 4, "process": 5}
 

@@ -10,6 +10,7 @@ import pytest
 
 from llava_worker.admission import AdmissionGate
 from llava_worker.errors import InvalidRequestError
+from llava_worker.host_memory import IdleTrimmer
 from llava_worker.logs import RepeatLimit
 from llava_worker.protocol import encode_chunk, parse_generate_params, worker_status
 
@@ -87,3 +88,30 @@ def test_repeat_limit_passes_a_few_lines_of_a_kind_per_window_then_counts_the_re
     first = record("accept failed: %s", "again")
     assert limit.filter(first)
     assert first.getMessage() == "accept failed: again [997 more like this were dropped in the previous 10 s]"
+
+
+def test_idle_trimmer_gives_memory_back_only_after_a_quiet_moment(monkeypatch):
+    trims: list[int] = []
+
+    def trim() -> bool:
+        trims.append(1)
+        return True
+
+    monkeypatch.setattr("llava_worker.host_memory.trim", trim)
+    busy = [True]
+
+    async def scenario() -> IdleTrimmer:
+        trimmer = IdleTrimmer(lambda: not busy[0], delay=0.05)
+        trimmer.poke()  # work ended, but other work still runs: no trim
+        await asyncio.sleep(0.15)
+        assert trims == []
+        busy[0] = False
+        trimmer.poke()
+        trimmer.poke()  # pokes close together make one trim
+        await asyncio.sleep(0.02)
+        assert trims == [], "not before the delay"
+        await asyncio.sleep(0.2)
+        return trimmer
+
+    trimmer = asyncio.run(scenario())
+    assert trims == [1] and trimmer.trims == 1
