@@ -1,4 +1,4 @@
-"""A log that cannot flood: lines that repeat are passed a few times per window, then counted."""
+"""A log that cannot flood: warnings that repeat are passed a few times per window, then counted."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ MAX_KINDS = 1000
 
 
 class RepeatLimit(logging.Filter):
-    """Passes at most `repeats` lines of a kind per `window` seconds.
+    """Passes at most `repeats` warnings (and errors) of a kind per `window` seconds.
 
     A fault that repeats in a tight loop (asyncio logs each failed accept() when the process runs out
     of file descriptors, thousands a second) would otherwise fill the disk and drown every other
     line. The last line passed in a window says that more like it are being dropped; the first
-    line of the next window says how many were.
+    line of the next window says how many were. Lines below `level` (a request's own log line, the
+    access log) all pass: there is one per request served, which is what the log is for.
     """
 
     def __init__(
@@ -29,8 +30,10 @@ class RepeatLimit(logging.Filter):
         repeats: int = REPEATS_PER_WINDOW,
         window: float = WINDOW_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        level: int = logging.WARNING,
     ) -> None:
         super().__init__()
+        self._level = level
         self._repeats = repeats
         self._window = window
         self._clock = clock
@@ -40,6 +43,8 @@ class RepeatLimit(logging.Filter):
         self._dropped: dict[tuple[str, int, str], int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self._level:
+            return True
         kind = (record.name, record.levelno, str(record.msg))
         with self._lock:
             now = self._clock()

@@ -84,6 +84,8 @@ def test_repeat_limit_passes_a_few_lines_of_a_kind_per_window_then_counts_the_re
     assert [r.getMessage() for r in passed[:2]] == ["accept failed: 0", "accept failed: 1"]
     assert len(passed) == 3 and "more like this are dropped" in passed[2].getMessage()
     assert limit.filter(record("another kind of line"))  # kinds have their own allowance
+    info = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "request %s: stop", ("x",), None)
+    assert all(limit.filter(info) for _ in range(100)), "one line per request is what the log is for"
     now[0] = 10.5
     first = record("accept failed: %s", "again")
     assert limit.filter(first)
