@@ -13,6 +13,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 from llava_worker.testing.tiny import build_all  # noqa: E402
+from llava_worker.testing.tiny_families import build_family_checkpoints  # noqa: E402
 from llava_worker.testing.tiny_internvl_chat import build_internvl_chat_checkpoints  # noqa: E402
 from llava_worker.testing.tiny_original import build_original_checkpoints  # noqa: E402
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         build_all(args.out_dir, force=args.force)
         | build_original_checkpoints(args.out_dir, force=args.force)
         | build_internvl_chat_checkpoints(args.out_dir, force=args.force)
+        | build_family_checkpoints(args.out_dir, force=args.force)
     )
     for name, path in built.items():
         print(f"{name}\t{path.resolve()}")

@@ -15,6 +15,7 @@ import pytest
 
 from llava_worker.config import WorkerConfig
 from llava_worker.testing.tiny import build_all
+from llava_worker.testing.tiny_families import build_family_checkpoints
 from llava_worker.testing.tiny_internvl_chat import build_internvl_chat_checkpoints
 from llava_worker.testing.tiny_original import build_original_checkpoints
 from llava_worker.worker import ModelWorker
@@ -25,7 +26,12 @@ from tests.support.servers import Controller, ModelCache, RunningWorker, free_po
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = os.environ.get("LLAVA_WORKER_TEST_CHECKPOINTS")
     target = Path(root) if root else tmp_path_factory.mktemp("checkpoints")
-    return build_all(target) | build_original_checkpoints(target) | build_internvl_chat_checkpoints(target)
+    return (
+        build_all(target)
+        | build_original_checkpoints(target)
+        | build_internvl_chat_checkpoints(target)
+        | build_family_checkpoints(target)
+    )
 
 
 @pytest.fixture(scope="session")

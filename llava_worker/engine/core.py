@@ -27,6 +27,7 @@ from llava_worker.engine.requests import GenerationRequest
 from llava_worker.engine.sampling import SamplingParams, next_tokens
 from llava_worker.engine.streams import GenerationOutput, RequestStream
 from llava_worker.errors import GenerationError, OutOfMemoryError, WorkerError
+from llava_worker.models.chat_prompt import turn_end_token_ids
 from llava_worker.models.inputs import PreparedInputs
 from llava_worker.models.loaded import LoadedModel
 from llava_worker.models.vision import tower_layout, tower_share
@@ -137,7 +138,8 @@ class Engine:
         self._submitted: queue.SimpleQueue[_Submission] = queue.SimpleQueue()
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
-        self._eos = _eos_token_ids(loaded)
+        # The turn ends at any eos the checkpoint names, and at its chat template's end-of-turn token.
+        self._eos = _eos_token_ids(loaded) | turn_end_token_ids(loaded)
         self.default_top_k = int(getattr(self._model.generation_config, "top_k", 0) or 0)
         """top-k that `generate` would apply when sampling (from the model's generation config)."""
         pad_id = loaded.tokenizer.pad_token_id
@@ -682,12 +684,12 @@ def _seeded(seed: int | None, device: torch.device) -> torch.Generator | None:
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    """Every eos of the generation config (an id or a list), and the tokenizer's."""
     configured = getattr(loaded.model.generation_config, "eos_token_id", None)
-    if configured is None:
-        configured = loaded.tokenizer.eos_token_id
-    if configured is None:
-        return frozenset()
-    return frozenset([configured] if isinstance(configured, int) else configured)
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.append(loaded.tokenizer.eos_token_id)
+    return frozenset(int(token) for token in ids)
 
 
 def _as_worker_error(exc: Exception) -> WorkerError:

@@ -40,3 +40,31 @@ def _without_duplicate_bos(loaded: LoadedModel, prompt: str) -> str:
     if bos and prompt.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
         return prompt[len(bos) :]
     return prompt
+
+
+#: Assistant text no tokenizer merges with what follows it.
+_TURN_MARK = "\u2063llava-worker-turn-end\u2063"
+
+
+def turn_end_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    """The special token the model's chat template writes right after an assistant's message
+    (`<|eot_id|>`, `<|im_end|>`, `</s>`), if any: the model ends its turn with it, whatever the eos
+    of its tokenizer and generation config says (llama3-llava-next: eos `<|end_of_text|>`, turns end
+    with `<|eot_id|>`). Empty when the model has no chat template, or it writes no such token."""
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": _TURN_MARK}]},
+    ]
+    tokenizer = loaded.tokenizer
+    try:
+        owner: Any = loaded.processor if loaded.processor is not None else tokenizer
+        rendered = str(owner.apply_chat_template(messages, tokenize=False))
+    except Exception:  # no template, or one that rejects an assistant turn: nothing to learn from it
+        return frozenset()
+    at = rendered.find(_TURN_MARK)
+    if at < 0:
+        return frozenset()
+    after = rendered[at + len(_TURN_MARK) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return frozenset(int(token) for token in ids if token in special)

@@ -11,7 +11,7 @@ import torch
 from llava_worker.errors import ImageError, InvalidRequestError, plural
 from llava_worker.models.images import ImageLimits, Preprocessing, decode_images, pad_to_square
 from llava_worker.models.loaded import LoadedModel
-from llava_worker.models.vision import ImageSpan, image_spans
+from llava_worker.models.vision import ImageSpan, TowerLayout, image_spans, tower_layout
 
 #: The placeholder clients put in the prompt, one per image (LLaVA's convention).
 IMAGE_PLACEHOLDER = "<image>"
@@ -78,7 +78,7 @@ def prepare_inputs(
             # Each model family has its own marker (InternVL: <IMG_CONTEXT>); clients always send <image>.
             text = text.replace(IMAGE_PLACEHOLDER, image_token)
         try:
-            encoded = loaded.processor(text=[text], images=images or None, return_tensors="pt")
+            encoded = loaded.processor(text=[text], images=_per_prompt(loaded, images), return_tensors="pt")
         except (ValueError, OSError) as exc:
             raise ImageError(f"the images could not be prepared for the model: {exc}") from None
         tensors = dict(encoded)
@@ -95,6 +95,17 @@ def prepare_inputs(
             f"the prompt is {prompt_tokens} tokens long (image tokens included); at most {max_prompt_tokens} accepted"
         )
     return PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens, images=spans)
+
+
+def _per_prompt(loaded: LoadedModel, images: list[Any]) -> list[Any] | None:
+    """The images as the processor takes them for one prompt. OneVision's processor reads a flat list
+    as one image per prompt, and so expands every image to all its views; nested, the images of a
+    prompt are read as the model reads several images together (base view only)."""
+    if not images:
+        return None
+    if tower_layout(loaded.model) is TowerLayout.ONEVISION:
+        return [images]
+    return images
 
 
 def longest_token_chars(tokenizer: Any) -> int:

@@ -2,7 +2,7 @@
 batch of them goes through the vision tower. This lets the engine run the tower once for the images of
 several requests, keep features per image, and splice them into the prompt's embeddings piece by piece.
 
-Three layouts of the tower's inputs are known; any other model has no `ImageSpan`s and the engine
+Four layouts of the tower's inputs are known; any other model has no `ImageSpan`s and the engine
 runs its prompts through the model's own forward, whole.
 """
 
@@ -18,6 +18,7 @@ from transformers import (
     InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
     PreTrainedModel,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -32,10 +33,15 @@ class TowerLayout(enum.Enum):
     """LLaVA-NeXT: (images, views, C, H, W), zero-padded views, with `image_sizes`."""
     TILES = enum.auto()
     """InternVL: (tiles, C, H, W), each image a run of consecutive tiles."""
+    ONEVISION = enum.auto()
+    """LLaVA-OneVision: as VIEWS, except that an image that shares its prompt with others is read at
+    its base view only (`batch_num_images`)."""
 
 
 def tower_layout(model: PreTrainedModel) -> TowerLayout | None:
     """The layout of the model's tower inputs; None for a model the engine cannot drive piecewise."""
+    if isinstance(model, LlavaOnevisionForConditionalGeneration):
+        return TowerLayout.ONEVISION
     if isinstance(model, LlavaNextForConditionalGeneration):
         return TowerLayout.VIEWS
     if isinstance(model, LlavaForConditionalGeneration):
@@ -109,16 +115,47 @@ def image_spans(model: PreTrainedModel, tensors: dict[str, Any]) -> tuple[ImageS
 
 
 def encode_images(model: PreTrainedModel, layout: TowerLayout, spans: list[ImageSpan]) -> list[torch.Tensor]:
-    """Projected features of each span, (length, hidden), from one pass of the vision tower."""
+    """Projected features of each span, (length, hidden), from one pass of the vision tower (two for
+    OneVision when images read whole and images read at their base view come together)."""
+    if layout is TowerLayout.ONEVISION:
+        return _encode_onevision(model, spans)
+    return _encode(model, _batched(layout, spans), [span.length for span in spans])
+
+
+def _encode(model: PreTrainedModel, inputs: dict[str, Any], lengths: list[int]) -> list[torch.Tensor]:
     inner: Any = model.model
-    outputs = inner.get_image_features(**_batched(layout, spans), return_dict=True)
+    outputs = inner.get_image_features(**inputs, return_dict=True)
     features = outputs.pooler_output
     parts = features if isinstance(features, list | tuple) else [features]
     flat = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
-    lengths = [span.length for span in spans]
     if flat.shape[0] != sum(lengths):
         raise ValueError(f"the vision tower gave {flat.shape[0]} features for {sum(lengths)} image tokens")
     return list(torch.split(flat, lengths))
+
+
+def _encode_onevision(model: PreTrainedModel, spans: list[ImageSpan]) -> list[torch.Tensor]:
+    """OneVision reads an image at all its views when it is alone in its prompt, at its base view when
+    it is one of several; `batch_num_images` is how the model is told, per call, so each kind gets
+    its own call. A lone base-view image is sent twice (one count of 1 would mean "all views")."""
+    features: list[torch.Tensor | None] = [None] * len(spans)
+    for whole in (True, False):
+        chosen = [index for index, span in enumerate(spans) if _reads_all_views(span) == whole]
+        if not chosen:
+            continue
+        group = [spans[index] for index in chosen]
+        if not whole and len(group) == 1:
+            group = group * 2
+        inputs = _batched(TowerLayout.VIEWS, group)
+        if not whole:
+            inputs["batch_num_images"] = torch.tensor([len(group)])
+        encoded = _encode(model, inputs, [span.length for span in group])
+        for index, feature in zip(chosen, encoded, strict=False):
+            features[index] = feature
+    return [feature for feature in features if feature is not None]
+
+
+def _reads_all_views(span: ImageSpan) -> bool:
+    return "base_view_only" not in span.pixels
 
 
 def _runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
@@ -138,10 +175,22 @@ def _pixels_per_image(
         if pixel_values.shape[0] != len(runs):
             return None
         return [{"pixel_values": pixel_values[index : index + 1]} for index in range(len(runs))]
-    if layout is TowerLayout.VIEWS:
+    if layout in (TowerLayout.VIEWS, TowerLayout.ONEVISION):
         sizes: torch.Tensor = tensors["image_sizes"]
         if pixel_values.shape[0] != len(runs):
             return None
+        if layout is TowerLayout.ONEVISION and len(runs) > 1:
+            # Several images in one prompt: OneVision reads each at its base view only. The marker
+            # keeps these features apart, in the caches too, from the same picture read whole.
+            marker = torch.ones(1, dtype=torch.uint8)
+            return [
+                {
+                    "pixel_values": pixel_values[index : index + 1, :1],
+                    "image_sizes": size[None],
+                    "base_view_only": marker,
+                }
+                for index, size in enumerate(sizes)
+            ]
         return [
             {"pixel_values": pixel_values[index : index + 1, : _views(model, size)], "image_sizes": size[None]}
             for index, size in enumerate(sizes)

@@ -269,7 +269,9 @@ def _llava_next_image_processor() -> LlavaNextImageProcessor | LlavaNextImagePro
 
 
 def _unprintable_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
-    ids = set(tokenizer.all_special_ids)
+    # Added tokens too: a family's turn markers (`<|im_end|>`, `<|eot_id|>`) end a turn, so a random
+    # model that wrote them would stop where `generate` (which knows only the eos) does not.
+    ids = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     for token_id in range(len(tokenizer)):
         text = tokenizer.decode([token_id])
         assert isinstance(text, str)

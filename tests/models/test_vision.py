@@ -46,7 +46,8 @@ def test_each_image_gets_its_token_run_and_the_features_the_model_computes(
     layout = tower_layout(model)
     assert layout is not None
     with torch.inference_mode():
-        pixels = {name: value for name, value in inputs.tensors.items() if name in ("pixel_values", "image_sizes")}
+        tower_inputs = ("pixel_values", "image_sizes", "batch_num_images")
+        pixels = {name: value for name, value in inputs.tensors.items() if name in tower_inputs}
         whole = model.model.get_image_features(**pixels, return_dict=True).pooler_output
         parts = whole if isinstance(whole, list | tuple) else [whole]
         expected = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])

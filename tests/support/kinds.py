@@ -8,10 +8,19 @@ import pytest
 
 #: InternVL's processor needs torchvision (a video processor); without it those cases are skipped.
 needs_torchvision = pytest.mark.skipif(
-    importlib.util.find_spec("torchvision") is None, reason="InternVL's processor needs torchvision"
+    importlib.util.find_spec("torchvision") is None, reason="InternVL's and OneVision's processors need torchvision"
 )
 INTERNVL = pytest.param("internvl", marks=needs_torchvision)
+ONEVISION = pytest.param("llava-onevision", marks=needs_torchvision)
 #: The vision-language kinds, one per family the engine takes images apart for.
-IMAGE_KINDS = ["llava-1.5", "llava-next", INTERNVL]
+IMAGE_KINDS = [
+    "llava-1.5",
+    "llava-next",
+    INTERNVL,
+    "llava-next-llama3",
+    "llava-next-chatml",
+    "llava-interleave",
+    ONEVISION,
+]
 #: Those and a text-only model.
 KINDS = ["text-only", *IMAGE_KINDS]
