@@ -186,6 +186,14 @@ def _refusal(path: Path | str, **settings: Any) -> str:
         ({"mm_resampler_type": "perceiver"}, "mm_resampler_type = 'perceiver'"),
         ({"image_aspect_ratio": "anyres", "mm_patch_merge_type": "flat"}, "mm_patch_merge_type = 'flat'"),
         ({"image_aspect_ratio": "anyres_max_9", "mm_patch_merge_type": "spatial_unpad"}, "'anyres_max_9'"),
+        (
+            {
+                "model_type": "llava_qwen",
+                "architectures": ["LlavaQwenForCausalLM"],
+                "image_aspect_ratio": "anyres_max_9",
+            },
+            "serve its transformers port instead, e.g. --model-path llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        ),
         ({"mm_patch_merge_type": "spatial_unpad"}, "mm_patch_merge_type = 'spatial_unpad'"),
         ({"mm_projector_type": "qformer"}, "mm_projector_type = 'qformer'"),
         ({"mm_vision_select_feature": "cls"}, "mm_vision_select_feature = 'cls'"),

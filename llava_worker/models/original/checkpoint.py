@@ -101,6 +101,7 @@ def describe_checkpoint(directory: Path, raw: Mapping[str, Any], vision_tower: s
     """Reads an original-format checkpoint's settings, refusing every layout that transformers'
     Llava and LlavaNext classes cannot reproduce exactly; each refusal names the field and value."""
     name = directory.name
+    _refuse_onevision(raw, name)
     language = _language_of(raw, name)
     for field in ("s2", "mm_resampler_type"):
         if raw.get(field):
@@ -198,6 +199,25 @@ def _is_anyres(raw: Mapping[str, Any], name: str, select_feature: str) -> bool:
     if anyres and select_feature != "patch":
         raise StartupError(f"{name}: image_aspect_ratio 'anyres' with mm_vision_select_feature = 'cls_patch'")
     return anyres
+
+
+def _refuse_onevision(raw: Mapping[str, Any], name: str) -> None:
+    """LLaVA-OneVision in the original layout (`llava_qwen`, `anyres_max_N`) is served through its
+    transformers port: no mapping of the original's weights and tiling onto transformers' OneVision
+    class has been checked against an independent reference yet, so the refusal says where to go."""
+    aspect = str(raw.get("image_aspect_ratio") or "")
+    architectures = [str(arch).lower() for arch in raw.get("architectures") or []]
+    if (
+        raw.get("model_type") == "llava_qwen"
+        or "llavaqwenforcausallm" in architectures
+        or aspect.startswith("anyres_max")
+    ):
+        raise StartupError(
+            f"{name} is a LLaVA-OneVision checkpoint in the original layout (model_type = "
+            f"{raw.get('model_type')!r}, image_aspect_ratio = {aspect or None!r}), which the worker does not "
+            "load; serve its transformers port instead, e.g. --model-path "
+            "llava-hf/llava-onevision-qwen2-7b-ov-hf (for lmms-lab/llava-onevision-qwen2-7b-ov)"
+        )
 
 
 def _language_of(raw: Mapping[str, Any], name: str) -> str:
