@@ -30,7 +30,7 @@ from llava_worker.errors import (
 )
 from llava_worker.host_memory import IdleTrimmer
 from llava_worker.metrics import WorkerMetrics
-from llava_worker.models.chat_prompt import render_prompt
+from llava_worker.models.chat_prompt import chat_family, render_prompt
 from llava_worker.models.images import ImageLimits
 from llava_worker.models.inputs import PreparedInputs, longest_token_chars, prepare_inputs
 from llava_worker.models.loaded import LoadedModel
@@ -124,6 +124,16 @@ class ModelWorker:
     @property
     def context_length(self) -> int:
         return self.loaded.context_length
+
+    @property
+    def chat_family(self) -> str | None:
+        """The prompt style of the checkpoint's chat template (`llama3`, `chatml`), if it has one of those."""
+        return chat_family(self.loaded)
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """The tokens that end the model's turn (every eos, and the template's end-of-turn token)."""
+        return sorted(self.engine.end_token_ids)
 
     @property
     def text_model_type(self) -> str:

@@ -139,7 +139,7 @@ class Engine:
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
         # The turn ends at any eos the checkpoint names, and at its chat template's end-of-turn token.
-        self._eos = _eos_token_ids(loaded) | turn_end_token_ids(loaded)
+        self.end_token_ids = _eos_token_ids(loaded) | turn_end_token_ids(loaded)
         self.default_top_k = int(getattr(self._model.generation_config, "top_k", 0) or 0)
         """top-k that `generate` would apply when sampling (from the model's generation config)."""
         pad_id = loaded.tokenizer.pad_token_id
@@ -583,7 +583,7 @@ class Engine:
     def _accept(self, request: _Request, token: int) -> None:
         """Records one generated token; publishes text every `stream_interval` tokens."""
         request.last_token = token
-        if token in self._eos or token in request.stop_token_ids:
+        if token in self.end_token_ids or token in request.stop_token_ids:
             request.finish_reason = "stop"
             return
         request.generated += 1

@@ -127,7 +127,7 @@ def _fastchat_router(worker: ModelWorker) -> APIRouter:
 
     @router.post("/worker_get_conv_template")
     async def worker_get_conv_template() -> dict[str, Any]:
-        return {"conv": conversation_template(worker.text_model_type, worker.takes_images)}
+        return {"conv": conversation_template(worker)}
 
     return router
 

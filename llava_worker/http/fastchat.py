@@ -64,8 +64,9 @@ def _wire(chunk: StreamChunk, params: GenerateParams) -> tuple[str, int, dict[st
     return chunk.text, error_code, extra
 
 
-# FastChat's SeparatorStyle enum, by value.
+# FastChat's SeparatorStyle enum, by value (its pip release; newer sources number some differently).
 _ADD_COLON_TWO = 2
+_NO_COLON_SINGLE = 4
 _LLAMA2 = 7
 _CHATML = 9
 
@@ -88,12 +89,42 @@ def _template(name: str, **fields: Any) -> dict[str, Any]:
     return base
 
 
-def conversation_template(text_model_type: str, takes_images: bool) -> dict[str, Any]:
-    """The template FastChat's API server should build prompts with for this model.
+def conversation_template(worker: ModelWorker) -> dict[str, Any]:
+    """The template FastChat's API server should build prompts with for this model: the one whose
+    prompts equal the checkpoint's own chat template's.
 
-    LLaVA-1.5/NeXT-vicuna and other Llama-family models take LLaVA's v1 prompt (the only style in
-    which FastChat places images); Mistral- and Qwen-based models get their own chat formats.
+    Llama-3 and ChatML checkpoints (llama3-llava-next, v1.6-34b, Interleave, OneVision) get their own
+    style, whatever their tower; LLaVA-1.5/NeXT-vicuna and other Llama-family models LLaVA's v1
+    prompt, Mistral- and Qwen-based text models their chat formats. FastChat places images in v1
+    prompts only: image chats with the other styles go through the worker's `/v1/chat/completions`.
     """
+    family, text_model_type, takes_images = worker.chat_family, worker.text_model_type, worker.takes_images
+    if family == "llama3":
+        return _template(
+            "llama-3",
+            # FastChat's pip release has no Llama-3 style; "no colon, single separator" writes the same.
+            system_template="<|start_header_id|>system<|end_header_id|>\n\n{system_message}<|eot_id|>",
+            roles=["<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"],
+            sep_style=_NO_COLON_SINGLE,
+            sep="<|eot_id|>",
+            sep2=None,
+            stop_str="<|eot_id|>",
+            stop_token_ids=worker.end_token_ids,
+        )
+    if family == "chatml" or (text_model_type in ("qwen2", "qwen3") and not takes_images):
+        qwen = text_model_type in ("qwen2", "qwen3")
+        return _template(
+            "qwen-7b-chat" if qwen else "chatml_direct",
+            system_template="<|im_start|>system\n{system_message}",
+            # Qwen's own default, and LLaVA's chatml_direct (v1.6-34b) one.
+            system_message="You are a helpful assistant." if qwen else "Answer the questions.",
+            roles=["<|im_start|>user", "<|im_start|>assistant"],
+            sep_style=_CHATML,
+            sep="<|im_end|>",
+            sep2=None,
+            stop_str="<|im_end|>",
+            stop_token_ids=worker.end_token_ids,
+        )
     if text_model_type == "mistral" and not takes_images:
         return _template(
             "mistral",
@@ -102,16 +133,5 @@ def conversation_template(text_model_type: str, takes_images: bool) -> dict[str,
             sep_style=_LLAMA2,
             sep=" ",
             sep2="</s>",
-        )
-    if text_model_type in ("qwen2", "qwen3") and not takes_images:
-        return _template(
-            "chatml",
-            system_template="<|im_start|>system\n{system_message}",
-            system_message="You are a helpful assistant.",
-            roles=["<|im_start|>user", "<|im_start|>assistant"],
-            sep_style=_CHATML,
-            sep="<|im_end|>",
-            sep2=None,
-            stop_str="<|im_end|>",
         )
     return _template("llava_v1", system_message=LLAVA_SYSTEM_MESSAGE)

@@ -68,3 +68,16 @@ def turn_end_token_ids(loaded: LoadedModel) -> frozenset[int]:
     ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     return frozenset(int(token) for token in ids if token in special)
+
+
+def chat_family(loaded: LoadedModel) -> str | None:
+    """The prompt style of the checkpoint's own chat template: `llama3` (header tokens around roles),
+    `chatml` (`<|im_start|>`), or None for anything else (LLaVA's v1 and the like)."""
+    owner: Any = loaded.processor if loaded.processor is not None else loaded.tokenizer
+    template = getattr(owner, "chat_template", None) or getattr(loaded.tokenizer, "chat_template", None)
+    text = template if isinstance(template, str) else str(template or "")
+    if "<|start_header_id|>" in text:
+        return "llama3"
+    if "<|im_start|>" in text:
+        return "chatml"
+    return None

@@ -686,3 +686,37 @@ def test_conv_template_is_one_fastchat_accepts(start_worker, kind, fastchat_name
     template.append_message(template.roles[0], "Hi.")
     template.append_message(template.roles[1], None)
     assert template.get_prompt() == llava_prompt("Hi.")
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "system"),
+    [
+        ("llava-next-llama3", "llama-3", ""),
+        ("llava-next-chatml", "chatml_direct", "Answer the questions."),
+        ("llava-interleave", "qwen-7b-chat", "You are a helpful assistant."),
+    ],
+)
+def test_each_family_gets_the_fastchat_template_of_its_own_chat_template(start_worker, kind, name, system):
+    """FastChat's API server renders what the checkpoint's own chat template renders, and stops where
+    the model ends its turn."""
+    worker = start_worker(kind)
+    conv = post_json(worker.url, "/worker_get_conv_template", {"model": "m"}).json()["conv"]
+    assert conv["name"] == name and conv["system_message"] == system
+    template = Conversation(**{**conv, "sep_style": SeparatorStyle(conv["sep_style"])})
+    template.set_system_message("Be brief.")
+    template.append_message(template.roles[0], "Hi there.")
+    template.append_message(template.roles[1], "Hello!")
+    template.append_message(template.roles[0], "What is the sea?")
+    template.append_message(template.roles[1], None)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is the sea?"},
+    ]
+    loaded = worker.worker.loaded
+    own = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert template.get_prompt() == own
+    end_of_turn = conv["stop_str"]
+    assert loaded.tokenizer.convert_tokens_to_ids(end_of_turn) in conv["stop_token_ids"]
+    assert loaded.tokenizer.eos_token_id in conv["stop_token_ids"]
