@@ -141,6 +141,14 @@ class WorkerConfig:
     """Image file formats the worker decodes, comma-separated, as Pillow names them (e.g. `PNG,JPEG,TIFF`).
     Other files are refused before any decoder reads them, which keeps Pillow's rarely used decoders (and
     the Ghostscript that EPS runs) out of reach of requests."""
+    max_videos: int = 1
+    """Most videos in one request (for models that take videos: LLaVA-OneVision, LLaVA-NeXT-Video)."""
+    max_video_bytes: int = 32 * 1024 * 1024
+    """Largest video file in bytes, after base64 decoding."""
+    max_video_seconds: float = 600.0
+    """Longest video in seconds, read from its header before any frame is decoded."""
+    video_frames: int = 16
+    """Frames sampled from each video, evenly over its length, for the model to read."""
     max_prompt_tokens: int | None = None
     """Longest prompt in tokens, image tokens included; by default only the model's context length bounds
     it."""
@@ -220,6 +228,10 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--keep-alive-timeout": config.keep_alive_timeout,
         "--body-timeout": config.body_timeout,
         "--max-images": config.max_images,
+        "--max-videos": config.max_videos,
+        "--max-video-bytes": config.max_video_bytes,
+        "--max-video-seconds": config.max_video_seconds,
+        "--video-frames": config.video_frames,
         "--max-queue": config.max_queue,
         "--max-batch-tokens": config.max_batch_tokens if config.max_batch_tokens is not None else 1,
         "--max-stop-strings": config.max_stop_strings,

@@ -43,6 +43,7 @@ class _GenerateRequestBody(BaseModel):
     model: str | None = None
     prompt: str
     images: list[str] | None = None
+    videos: list[str] | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
     # 0 is valid for OpenAI and FastChat: only the most likely token is kept.
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -63,6 +64,8 @@ class GenerateParams:
 
     prompt: str
     images: tuple[str, ...] = ()
+    videos: tuple[str, ...] = ()
+    """Base64 video files (or data: URLs), one per `<video>` in the prompt."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -84,7 +87,7 @@ class GenerateParams:
         return self.temperature <= GREEDY_TEMPERATURE
 
 
-def parse_generate_params(body: bytes, max_images: int | None = None) -> GenerateParams:
+def parse_generate_params(body: bytes, max_images: int | None = None, max_videos: int | None = None) -> GenerateParams:
     """Decode and validate a request body; raises InvalidRequestError naming what is wrong."""
     try:
         request = _GenerateRequestBody.model_validate(json_object(body))
@@ -92,10 +95,13 @@ def parse_generate_params(body: bytes, max_images: int | None = None) -> Generat
         raise InvalidRequestError(describe_validation_error(exc)) from None
     if max_images is not None and request.images and len(request.images) > max_images:
         raise InvalidRequestError(f"too many images: {len(request.images)} given, at most {max_images} accepted")
+    if max_videos is not None and request.videos and len(request.videos) > max_videos:
+        raise InvalidRequestError(f"too many videos: {len(request.videos)} given, at most {max_videos} accepted")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     return GenerateParams(
         prompt=request.prompt,
         images=tuple(request.images or ()),
+        videos=tuple(request.videos or ()),
         temperature=request.temperature,
         top_p=request.top_p,
         max_new_tokens=request.max_new_tokens,

@@ -34,6 +34,7 @@ from llava_worker.models.chat_prompt import chat_family, render_prompt
 from llava_worker.models.images import ImageLimits
 from llava_worker.models.inputs import PreparedInputs, longest_token_chars, prepare_inputs
 from llava_worker.models.loaded import LoadedModel
+from llava_worker.models.videos import VideoLimits
 from llava_worker.protocol import EXCEEDS_CONTEXT_TEXT, GenerateParams, worker_status
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,13 @@ class ModelWorker:
         self.image_limits = ImageLimits(
             config.max_image_bytes, config.max_image_pixels, config.max_request_pixels, config.image_format_names
         )
+        self.video_limits = VideoLimits(
+            max_bytes=config.max_video_bytes,
+            max_seconds=config.max_video_seconds,
+            max_frame_pixels=config.max_image_pixels,
+            frames=config.video_frames,
+            max_total_pixels=config.max_request_pixels,
+        )
         self.image_decoders = threading.BoundedSemaphore(config.image_decoders)
         self._longest_token_chars = longest_token_chars(loaded.tokenizer)
         # Input work runs in pools of its own, not asyncio's default one: heavy work (images, long
@@ -124,6 +132,10 @@ class ModelWorker:
     @property
     def context_length(self) -> int:
         return self.loaded.context_length
+
+    @property
+    def takes_videos(self) -> bool:
+        return self.loaded.takes_videos
 
     @property
     def chat_family(self) -> str | None:
@@ -227,10 +239,11 @@ class ModelWorker:
         """FastChat's `/count_token`: tokens of the prompt text (image tokens not expanded)."""
         return await self._run_input_work(len(prompt), False, lambda: len(self.loaded.tokenizer(prompt)["input_ids"]))
 
-    async def render_chat_prompt(self, messages: list[dict[str, Any]], images: int) -> str:
+    async def render_chat_prompt(self, messages: list[dict[str, Any]], images: int, videos: int = 0) -> str:
         """The prompt the model's own chat template makes of `messages` (raises InvalidRequestError)."""
         size = sum(len(str(message.get("content", ""))) for message in messages)
-        return await self._run_input_work(size, images > 0, partial(render_prompt, self.loaded, messages, images))
+        render = partial(render_prompt, self.loaded, messages, images, videos)
+        return await self._run_input_work(size, images + videos > 0, render)
 
     async def generate_stream(self, params: GenerateParams, request_id: str) -> AsyncGenerator[StreamChunk, None]:
         """Streams one request's answer and counts its outcome; raises WorkerError (or anything else)
@@ -293,8 +306,10 @@ class ModelWorker:
             self.image_limits,
             self.config.max_prompt_tokens,
             self.image_decoders,
+            params.videos,
+            self.video_limits,
         )
-        return await self._run_input_work(len(params.prompt), bool(params.images), work)
+        return await self._run_input_work(len(params.prompt), bool(params.images or params.videos), work)
 
     async def _run_input_work(self, characters: int, images: bool, work: Callable[[], T]) -> T:
         heavy = images or characters > LIGHT_PROMPT_CHARS

@@ -66,7 +66,9 @@ async def _parse(request: Request, worker: ModelWorker) -> GenerateParams:
             raise ShuttingDownError()
         worker.check_queue()
         body = await read_body(request, worker.config.max_request_bytes, worker.config.body_timeout)
-        return await parse_body(body, partial(parse_generate_params, max_images=worker.config.max_images))
+        config = worker.config
+        parse = partial(parse_generate_params, max_images=config.max_images, max_videos=config.max_videos)
+        return await parse_body(body, parse)
     except (InvalidRequestError, ShuttingDownError, QueueFullError) as exc:
         worker.metrics.count(outcome_of(exc))
         raise

@@ -28,6 +28,7 @@ from llava_worker.http.openai_requests import (
     RequestError,
     chat_messages,
     check_image_urls,
+    check_video_urls,
     generate_params,
     parse_chat_request,
 )
@@ -231,10 +232,13 @@ async def _params_of(
     """The chat's GenerateParams: URLs checked, the prompt rendered, then remote images fetched (for as
     long as the client stays)."""
     config = worker.config
-    messages, urls = chat_messages(chat, worker.takes_images)
+    chat_content = chat_messages(chat, worker.takes_images, worker.takes_videos)
+    urls = chat_content.image_urls
     check_image_urls(urls, config.max_images, config.allow_remote_images)
+    check_video_urls(chat_content.video_urls, config.max_videos)
     try:
-        prompt = await worker.render_chat_prompt(messages, len(urls))
+        prompt = await worker.render_chat_prompt(chat_content.messages, len(urls), len(chat_content.video_urls))
     except InvalidRequestError as exc:
         raise RequestError(str(exc), param="messages") from None
-    return generate_params(chat, prompt, await while_connected(request, remote_images.fetch(urls)))
+    images = await while_connected(request, remote_images.fetch(urls))
+    return generate_params(chat, prompt, images, tuple(chat_content.video_urls))

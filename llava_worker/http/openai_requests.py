@@ -3,6 +3,7 @@ what this worker does not do, messages for the model's chat template, image URLs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,10 +37,15 @@ class ImageURL(_Strict):
     detail: str | None = None
 
 
+class VideoURL(_Strict):
+    url: str
+
+
 class ContentPart(_Strict):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
 
     @model_validator(mode="after")
     def _has_its_field(self) -> ContentPart:
@@ -135,38 +141,59 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
 # 2. Request → GenerateParams: the messages for the model's chat template, image URLs in order.
 
 
-def chat_messages(request: ChatCompletionRequest, takes_images: bool) -> tuple[list[dict[str, Any]], list[str]]:
-    """The conversation in transformers' chat format, and the image URLs in the order they appear.
+@dataclass(frozen=True)
+class ChatContent:
+    """A chat in transformers' format, and the URLs of its images and videos in the order they appear."""
 
-    Vision-language templates take content as a list of parts, an image as `{"type": "image"}`;
-    text-only templates generally expect a string, so the text parts are joined.
+    messages: list[dict[str, Any]]
+    image_urls: list[str]
+    video_urls: list[str]
+
+
+def chat_messages(request: ChatCompletionRequest, takes_images: bool, takes_videos: bool = False) -> ChatContent:
+    """The conversation in transformers' chat format, with its image and video URLs.
+
+    Vision-language templates take content as a list of parts, an image as `{"type": "image"}` and a
+    video as `{"type": "video"}`; text-only templates generally expect a string, so the text parts
+    are joined.
     """
     messages: list[dict[str, Any]] = []
-    urls: list[str] = []
+    images: list[str] = []
+    videos: list[str] = []
     for message in request.messages:
         parts: list[dict[str, Any]] = []
         for part in message.content:
             if part.type == "image_url" and part.image_url is not None:
                 parts.append({"type": "image"})
-                urls.append(part.image_url.url)
+                images.append(part.image_url.url)
+            elif part.type == "video_url" and part.video_url is not None:
+                parts.append({"type": "video"})
+                videos.append(part.video_url.url)
             else:
                 parts.append({"type": "text", "text": part.text})
         content: Any = parts if takes_images else "\n".join(part["text"] for part in parts if part["type"] == "text")
         # OpenAI's newer name for the system role; templates know only "system".
         role = "system" if message.role == "developer" else message.role
         messages.append({"role": role, "content": content})
-    if urls and not takes_images:
+    if images and not takes_images:
         raise RequestError(
-            f"this model does not accept images, but the request has {plural(len(urls), 'image')}", param="messages"
+            f"this model does not accept images, but the request has {plural(len(images), 'image')}", param="messages"
         )
-    return messages, urls
+    if videos and not takes_videos:
+        raise RequestError(
+            f"this model does not accept videos, but the request has {plural(len(videos), 'video')}", param="messages"
+        )
+    return ChatContent(messages, images, videos)
 
 
-def generate_params(request: ChatCompletionRequest, prompt: str, images: tuple[str, ...]) -> GenerateParams:
+def generate_params(
+    request: ChatCompletionRequest, prompt: str, images: tuple[str, ...], videos: tuple[str, ...] = ()
+) -> GenerateParams:
     """The worker's parameters for `request`, once its prompt is rendered and its images are at hand."""
     return GenerateParams(
         prompt=prompt,
         images=images,
+        videos=videos,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         max_new_tokens=request.max_completion_tokens or request.max_tokens or MAX_NEW_TOKENS_CAP,
@@ -203,3 +230,15 @@ def check_image_urls(urls: list[str], max_images: int, allow_remote: bool) -> No
             f"image {index + 1} has a URL of scheme {scheme or 'none'!r}; only {accepted} are accepted",
             param="messages",
         )
+
+
+def check_video_urls(urls: list[str], max_videos: int) -> None:
+    """Refuses too many videos, and videos not sent as data: URLs (the worker fetches no video)."""
+    if len(urls) > max_videos:
+        raise RequestError(f"too many videos: {len(urls)} given, at most {max_videos} accepted", param="messages")
+    for index, url in enumerate(urls):
+        if url_scheme(url) != "data":
+            raise RequestError(
+                f"video {index + 1} must be sent as a data: URL (base64); the worker fetches no video",
+                param="messages",
+            )

@@ -7,12 +7,13 @@ from typing import Any
 from jinja2 import TemplateError
 
 from llava_worker.errors import InvalidRequestError, plural
-from llava_worker.models.inputs import IMAGE_PLACEHOLDER
+from llava_worker.models.inputs import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from llava_worker.models.loaded import LoadedModel
 
 
-def render_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], images: int) -> str:
-    """The prompt the model's own chat template makes of `messages`, with one `<image>` per image."""
+def render_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], images: int, videos: int = 0) -> str:
+    """The prompt the model's own chat template makes of `messages`, with one `<image>` per image and
+    one `<video>` per video."""
     try:
         if loaded.processor is not None:
             prompt = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -29,6 +30,14 @@ def render_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], images: i
         raise InvalidRequestError(
             f"the chat template made {plural(prompt.count(IMAGE_PLACEHOLDER), IMAGE_PLACEHOLDER + ' placeholder')} "
             f"for {plural(images, 'image')}; message text must not contain {IMAGE_PLACEHOLDER!r}"
+        )
+    video_token = loaded.video_token
+    if video_token and video_token != VIDEO_PLACEHOLDER:
+        prompt = prompt.replace(video_token, VIDEO_PLACEHOLDER)
+    if videos and prompt.count(VIDEO_PLACEHOLDER) != videos:
+        raise InvalidRequestError(
+            f"the chat template made {plural(prompt.count(VIDEO_PLACEHOLDER), VIDEO_PLACEHOLDER + ' placeholder')} "
+            f"for {plural(videos, 'video')}; message text must not contain {VIDEO_PLACEHOLDER!r}"
         )
     return prompt
 

@@ -1,4 +1,4 @@
-"""Turns a prompt and its images into model inputs: validation, image-token mapping, tokenisation."""
+"""Turns a prompt, its images and videos into model inputs: validation, token mapping, tokenisation."""
 
 from __future__ import annotations
 
@@ -6,17 +6,21 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from llava_worker.errors import ImageError, InvalidRequestError, plural
 from llava_worker.models.images import ImageLimits, Preprocessing, decode_images, pad_to_square
 from llava_worker.models.loaded import LoadedModel
+from llava_worker.models.videos import VideoLimits, decode_videos
 from llava_worker.models.vision import ImageSpan, TowerLayout, image_spans, tower_layout
 
 #: The placeholder clients put in the prompt, one per image (LLaVA's convention).
 IMAGE_PLACEHOLDER = "<image>"
 #: FastChat's API server marks images so; LLaVA's prompts put the image before the text, on its own line.
 FASTCHAT_IMAGE_PLACEHOLDER = "$$<image>$$"
+#: The placeholder clients put in the prompt, one per video.
+VIDEO_PLACEHOLDER = "<video>"
 
 
 @dataclass
@@ -56,14 +60,17 @@ def prepare_inputs(
     image_limits: ImageLimits,
     max_prompt_tokens: int | None = None,
     decoders: threading.Semaphore | None = None,
+    encoded_videos: tuple[str, ...] = (),
+    video_limits: VideoLimits | None = None,
 ) -> PreparedInputs:
-    """Validates the images against the prompt and builds the model's inputs.
+    """Validates the images and videos against the prompt and builds the model's inputs.
 
-    Raises ImageError when images are given to a model that takes none, when their number differs
-    from the number of `<image>` placeholders, or when one cannot be decoded.
+    Raises ImageError when images (videos) are given to a model that takes none, when their number
+    differs from the number of `<image>` (`<video>`) placeholders, or when one cannot be decoded.
     """
     prompt = prompt.replace(FASTCHAT_IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER + "\n")
     _check_image_count(loaded, prompt, len(encoded_images))
+    _check_video_count(loaded, prompt, len(encoded_videos))
 
     if loaded.processor is None:
         encoded = loaded.tokenizer(prompt, return_tensors="pt")
@@ -77,8 +84,14 @@ def prepare_inputs(
         if image_token and image_token != IMAGE_PLACEHOLDER:
             # Each model family has its own marker (InternVL: <IMG_CONTEXT>); clients always send <image>.
             text = text.replace(IMAGE_PLACEHOLDER, image_token)
+        media: dict[str, Any] = {}
+        if encoded_videos:
+            video_token = loaded.video_token
+            if video_token and video_token != VIDEO_PLACEHOLDER:
+                text = text.replace(VIDEO_PLACEHOLDER, video_token)
+            media["videos"] = _decode_videos(encoded_videos, video_limits or VideoLimits(), decoders)
         try:
-            encoded = loaded.processor(text=[text], images=_per_prompt(loaded, images), return_tensors="pt")
+            encoded = loaded.processor(text=[text], images=_per_prompt(loaded, images), return_tensors="pt", **media)
         except (ValueError, OSError) as exc:
             raise ImageError(f"the images could not be prepared for the model: {exc}") from None
         tensors = dict(encoded)
@@ -128,6 +141,29 @@ def preprocessing_of(loaded: LoadedModel) -> Preprocessing:
         pads_to_square=loaded.square_pad_colour is not None or original_pads,
         shortest_edge=int(shortest) if shortest else None,
     )
+
+
+def _decode_videos(
+    encoded: tuple[str, ...], limits: VideoLimits, decoders: threading.Semaphore | None
+) -> list[np.ndarray]:
+    # Decoding shares the image decoders' places: a burst of videos cannot take every core either.
+    if decoders is None:
+        return decode_videos(encoded, limits)
+    with decoders:
+        return decode_videos(encoded, limits)
+
+
+def _check_video_count(loaded: LoadedModel, prompt: str, videos: int) -> None:
+    if not videos:
+        return
+    if not loaded.takes_videos:
+        raise ImageError(f"this model does not accept videos, but the request has {plural(videos, 'video')}")
+    placeholders = prompt.count(VIDEO_PLACEHOLDER)
+    if placeholders != videos:
+        raise ImageError(
+            f"{plural(videos, 'video')} given, but the prompt has "
+            f"{plural(placeholders, VIDEO_PLACEHOLDER + ' placeholder')}"
+        )
 
 
 def _check_image_count(loaded: LoadedModel, prompt: str, images: int) -> None:

@@ -27,6 +27,24 @@ class LoadedModel:
     sees them, as the original LLaVA prepares them, instead of being centre-cropped."""
 
     @property
+    def takes_videos(self) -> bool:
+        """Whether the model reads videos (LLaVA-OneVision, LLaVA-NeXT-Video): frames through its
+        video processor, in place of its video token."""
+        from transformers import LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+        video_models = (LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration)
+        return (
+            isinstance(self.model, video_models)
+            and getattr(self.processor, "video_processor", None) is not None
+            and self.video_token is not None
+        )
+
+    @property
+    def video_token(self) -> str | None:
+        """The placeholder the processor expands into video tokens (`<video>`)."""
+        return None if self.processor is None else getattr(self.processor, "video_token", None)
+
+    @property
     def image_token(self) -> str | None:
         """The placeholder the processor expands into image tokens (`<image>` for LLaVA)."""
         if self.processor is None:

@@ -98,6 +98,8 @@ def image_spans(model: PreTrainedModel, tensors: dict[str, Any]) -> tuple[ImageS
     layout, or two images with no token between them): such a prompt goes through the model whole.
 
     `tensors` are the processor's outputs, still on the CPU; the spans' pixels stay there too."""
+    if "pixel_values_videos" in tensors:
+        return None  # videos go through the model's own forward, with the prompt whole
     pixel_values = tensors.get("pixel_values")
     if pixel_values is None:
         return ()

@@ -57,12 +57,14 @@ VIDEO_TOKEN = "<video>"
 
 
 def _image_parts(marker: str) -> str:
-    """Jinja for a message's content: text parts as they are, image parts as `marker`."""
+    """Jinja for a message's content: text parts as they are, image parts as `marker`, video parts
+    as `<video>` on a line of its own."""
     return (
         "{%- if message['content'] is string -%}{{- message['content'] -}}"
         "{%- else -%}{%- for part in message['content'] -%}"
         "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
-        "{%- elif part['type'] in ('image', 'image_url') -%}{{- '" + marker + "' -}}{%- endif -%}"
+        "{%- elif part['type'] in ('image', 'image_url') -%}{{- '" + marker + "' -}}"
+        "{%- elif part['type'] in ('video', 'video_url') -%}{{- '" + VIDEO_TOKEN + "\\n' -}}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
     )
 
@@ -298,7 +300,7 @@ def family_builders() -> dict[str, Any]:
 
 
 #: Bump whenever these checkpoints change, so that caches built by older code are rebuilt.
-FAMILY_BUILD_VERSION = "families-2\n"
+FAMILY_BUILD_VERSION = "families-3\n"
 
 
 def build_family_checkpoints(root: Path, force: bool = False) -> dict[str, Path]:
