@@ -18,6 +18,7 @@ from transformers import (
     InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     PreTrainedModel,
 )
@@ -42,7 +43,7 @@ def tower_layout(model: PreTrainedModel) -> TowerLayout | None:
     """The layout of the model's tower inputs; None for a model the engine cannot drive piecewise."""
     if isinstance(model, LlavaOnevisionForConditionalGeneration):
         return TowerLayout.ONEVISION
-    if isinstance(model, LlavaNextForConditionalGeneration):
+    if isinstance(model, LlavaNextForConditionalGeneration | LlavaNextVideoForConditionalGeneration):
         return TowerLayout.VIEWS
     if isinstance(model, LlavaForConditionalGeneration):
         return TowerLayout.ROWS

@@ -280,11 +280,71 @@ def build_llava_onevision(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
     return _save(Path(out_dir), model, processor)
 
 
+def build_llava_next_video(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
+    """LLaVA-NeXT-Video (CLIP, Llama, any-resolution images, pooled video frames); its processor needs
+    torchvision (a video processor)."""
+    from transformers import (
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    tokenizer = family_tokenizer(
+        seed=seed,
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        specials=["<unk>"],
+        template=_vicuna_chat_template(),
+        video=True,
+    )
+    config = LlavaNextVideoConfig(
+        vision_config=_vision_config(),
+        text_config=_text_config(tokenizer),
+        image_token_index=tokenizer.image_token_id,
+        video_token_index=_token_id(tokenizer, VIDEO_TOKEN),
+        image_seq_length=IMAGE_TOKENS_FULL,
+        video_seq_length=(IMAGE_SIZE // PATCH_SIZE // 2) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_grid_pinpoints=GRID_PINPOINTS,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(config)
+    finish_model(model, tokenizer)
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        ),
+        image_processor=_llava_next_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+        chat_template=tokenizer.chat_template,
+    )
+    return _save(Path(out_dir), model, processor)
+
+
+def _vicuna_chat_template() -> str:
+    """LLaVA's v1 prompt (`USER: ... ASSISTANT:`), as llava-hf's NeXT-Video checkpoints write it."""
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] != 'system' -%}{{- message['role'] | upper + ': ' -}}{%- endif -%}"
+        + _image_parts(IMAGE_TOKEN + "\\n")
+        + "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- else -%}{{- ' ' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
 FAMILY_DIRS = {
     "llava-next-llama3": "tiny-llava-next-llama3",
     "llava-next-chatml": "tiny-llava-next-chatml",
     "llava-interleave": "tiny-llava-interleave",
     "llava-onevision": "tiny-llava-onevision",
+    "llava-next-video": "tiny-llava-next-video",
 }
 
 
@@ -296,6 +356,7 @@ def family_builders() -> dict[str, Any]:
     }
     if is_torchvision_available():
         builders["llava-onevision"] = build_llava_onevision
+        builders["llava-next-video"] = build_llava_next_video
     return builders
 
 

@@ -82,7 +82,7 @@ def test_videos_over_a_limit_or_unreadable_are_refused_by_name(data, limits, mes
         decode_video(data, "video 1", limits)
 
 
-def onevision_reference(loaded: Any, prompt: str, raw: bytes, frames: int, max_new_tokens: int) -> str:
+def video_reference(loaded: Any, prompt: str, raw: bytes, frames: int, max_new_tokens: int) -> str:
     everything = every_frame(raw)
     picked = np.stack([everything[index] for index in sample_indices(len(everything), frames)])
     inputs = loaded.processor(text=[prompt], videos=[picked], return_tensors="pt")
@@ -91,13 +91,21 @@ def onevision_reference(loaded: Any, prompt: str, raw: bytes, frames: int, max_n
     return str(loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
+VIDEO_QUESTIONS = {
+    "llava-onevision": (QUESTION, "<|im_start|>user\n<image>\n<video>\nAnd now?<|im_end|>\n<|im_start|>assistant\n"),
+    "llava-next-video": ("USER: <video>\nWhat happens here? ASSISTANT:", "USER: <image>\n<video>\nAnd now? ASSISTANT:"),
+}
+
+
 @needs_torchvision
-def test_onevision_answers_about_a_video_as_generate_does(start_worker):
-    worker = start_worker("llava-onevision", video_frames=4)
+@pytest.mark.parametrize("kind", list(VIDEO_QUESTIONS))
+def test_a_video_model_answers_about_a_video_as_generate_does(start_worker, kind):
+    worker = start_worker(kind, video_frames=4)
+    question, mixed = VIDEO_QUESTIONS[kind]
     raw = make_clip(frames=12)
-    expected = onevision_reference(worker.worker.loaded, QUESTION, raw, 4, 10)
-    payload = {"prompt": QUESTION, "videos": [b64(raw)], "temperature": 0, "max_new_tokens": 10}
-    assert worker.generate(payload)[-1] == {"text": QUESTION + expected, "error_code": 0}
+    expected = video_reference(worker.worker.loaded, question, raw, 4, 10)
+    payload = {"prompt": question, "videos": [b64(raw)], "temperature": 0, "max_new_tokens": 10}
+    assert worker.generate(payload)[-1] == {"text": question + expected, "error_code": 0}
     # The OpenAI route: a video_url part, rendered by the checkpoint's own template.
     client = openai.OpenAI(base_url=worker.url + "/v1", api_key="none")
     messages: Any = [
@@ -114,7 +122,6 @@ def test_onevision_answers_about_a_video_as_generate_does(start_worker):
     )
     assert answer.choices[0].message.content == expected
     # An image and a video in one request.
-    mixed = "<|im_start|>user\n<image>\n<video>\nAnd now?<|im_end|>\n<|im_start|>assistant\n"
     chunks = worker.generate({**payload, "prompt": mixed, "images": [encode_image(2)]})
     assert chunks[-1]["error_code"] == 0
 

@@ -12,6 +12,7 @@ needs_torchvision = pytest.mark.skipif(
 )
 INTERNVL = pytest.param("internvl", marks=needs_torchvision)
 ONEVISION = pytest.param("llava-onevision", marks=needs_torchvision)
+NEXT_VIDEO = pytest.param("llava-next-video", marks=needs_torchvision)
 #: The vision-language kinds, one per family the engine takes images apart for.
 IMAGE_KINDS = [
     "llava-1.5",
@@ -21,6 +22,7 @@ IMAGE_KINDS = [
     "llava-next-chatml",
     "llava-interleave",
     ONEVISION,
+    NEXT_VIDEO,
 ]
 #: Those and a text-only model.
 KINDS = ["text-only", *IMAGE_KINDS]
