@@ -149,6 +149,9 @@ class WorkerConfig:
     """Longest video in seconds, read from its header before any frame is decoded."""
     video_frames: int = 16
     """Frames sampled from each video, evenly over its length, for the model to read."""
+    max_video_file_frames: int = 18_000
+    """Most frames a video file may have (by its header): the frames up to the last one sampled are
+    decoded, so this bounds the decoding work."""
     max_prompt_tokens: int | None = None
     """Longest prompt in tokens, image tokens included; by default only the model's context length bounds
     it."""
@@ -232,6 +235,7 @@ def _check_amounts(config: WorkerConfig) -> None:
         "--max-video-bytes": config.max_video_bytes,
         "--max-video-seconds": config.max_video_seconds,
         "--video-frames": config.video_frames,
+        "--max-video-file-frames": config.max_video_file_frames,
         "--max-queue": config.max_queue,
         "--max-batch-tokens": config.max_batch_tokens if config.max_batch_tokens is not None else 1,
         "--max-stop-strings": config.max_stop_strings,

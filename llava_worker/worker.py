@@ -101,6 +101,7 @@ class ModelWorker:
             max_frame_pixels=config.max_image_pixels,
             frames=config.video_frames,
             max_total_pixels=config.max_request_pixels,
+            max_file_frames=config.max_video_file_frames,
         )
         self.image_decoders = threading.BoundedSemaphore(config.image_decoders)
         self._longest_token_chars = longest_token_chars(loaded.tokenizer)

@@ -35,6 +35,9 @@ class VideoLimits:
     """Frames sampled from each video, evenly over its length (fewer if it has fewer)."""
     max_total_pixels: int = 80_000_000
     """Most pixels in all the sampled frames of one video together."""
+    max_file_frames: int = 18_000
+    """Most frames in the file, by its header: decoding runs up to the last frame sampled, so this
+    bounds the decoding work (10 minutes at 30 frames per second)."""
 
 
 def decode_videos(encoded: tuple[str, ...], limits: VideoLimits) -> list[np.ndarray]:
@@ -70,6 +73,8 @@ def decode_video(data: str, label: str, limits: VideoLimits) -> np.ndarray:
         total = stream.frames or round(seconds * float(rate))
         if total < 1:
             raise ImageError(f"{label} does not say in its header how many frames it has")
+        if total > limits.max_file_frames:
+            raise ImageError(f"{label} has {total} frames; at most {limits.max_file_frames} accepted")
         wanted = sample_indices(total, limits.frames)
         if len(wanted) * width * height > limits.max_total_pixels:
             raise ImageError(

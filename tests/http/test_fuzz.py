@@ -114,6 +114,7 @@ WILD_GENERATE = st.fixed_dictionaries(
     optional={
         "prompt": PROMPTS,
         "images": st.lists(IMAGES, max_size=5) | ANY_JSON,
+        "videos": st.lists(IMAGES, max_size=2) | ANY_JSON,
         "temperature": ODD_FLOATS | ANY_JSON,
         "top_p": ODD_FLOATS,
         "top_k": st.integers() | ODD_FLOATS,
@@ -150,6 +151,9 @@ CONTENT_PARTS = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": ODD_TEXT}),
     st.fixed_dictionaries(
         {"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": IMAGES}) | ANY_JSON}
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("video_url"), "video_url": st.fixed_dictionaries({"url": IMAGES}) | ANY_JSON}
     ),
     ANY_JSON,
 )

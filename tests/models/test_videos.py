@@ -70,12 +70,23 @@ def test_sample_indices():
         (b64(make_clip(frames=30, rate=2)), VideoLimits(max_seconds=5), "video 1 is 15.0 s long; at most 5 s accepted"),
         (b64(make_clip()), VideoLimits(max_frame_pixels=100), "frames of 48x40 pixels; at most 100 pixels"),
         (b64(make_clip()), VideoLimits(frames=8, max_total_pixels=10_000), "8 frames of 48x40 pixels are more than"),
+        (b64(make_clip(frames=30)), VideoLimits(max_file_frames=20), "video 1 has 30 frames; at most 20 accepted"),
         (encode_image(1), VideoLimits(), "video 1 is not a video file the worker reads"),
         (b64(b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n"), VideoLimits(), "not a video file the worker reads"),
         ("not base64!", VideoLimits(), "video 1 is not valid base64"),
         (b64(make_clip()[:600]), VideoLimits(), "video 1"),
     ],
-    ids=["bytes", "seconds", "frame-pixels", "total-pixels", "an-image", "a-playlist", "base64", "truncated"],
+    ids=[
+        "bytes",
+        "seconds",
+        "frame-pixels",
+        "total-pixels",
+        "file-frames",
+        "an-image",
+        "a-playlist",
+        "base64",
+        "truncated",
+    ],
 )
 def test_videos_over_a_limit_or_unreadable_are_refused_by_name(data, limits, message):
     with pytest.raises(ImageError, match=message.replace("(", r"\(")):
