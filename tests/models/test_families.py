@@ -3,6 +3,8 @@ one's turn ends where its chat template ends a turn, whatever its eos says, and 
 
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from llava_worker.config import WorkerConfig
 from llava_worker.models.chat_prompt import turn_end_token_ids
@@ -76,3 +79,42 @@ def test_llama3_next_ends_its_turn_at_eot_although_its_eos_is_end_of_text(checkp
             )
     finally:
         worker.stop()
+
+
+FAMILY_PROMPTS = {
+    "llava-next-llama3": "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "llava-next-chatml": "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n",
+    "llava-interleave": "<|im_start|>user\n<image>\n<image>\nCompare them.<|im_end|>\n<|im_start|>assistant\n",
+    "llava-onevision": "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n",
+    "llava-next-video": "USER: <image>\nWhat is it? ASSISTANT:",
+}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "llava-next-llama3",
+        "llava-next-chatml",
+        "llava-interleave",
+        pytest.param("llava-onevision", marks=needs_torchvision),
+        pytest.param("llava-next-video", marks=needs_torchvision),
+    ],
+)
+def test_the_length_budget_counts_each_familys_image_tokens_exactly(start_worker, kind):
+    """`usage` reports the processor's own count, and a prompt one token short of the context gets
+    exactly one new token, so the image tokens are counted neither short nor long."""
+    prompt = FAMILY_PROMPTS[kind]
+    images = [encode_image(seed, (64 + 16 * seed, 40)) for seed in range(prompt.count("<image>"))]
+    probe = start_worker(kind)
+    loaded = probe.worker.loaded
+    pil = [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in images]
+    count = int(loaded.processor(text=[prompt], images=[pil], return_tensors="pt")["input_ids"].shape[-1])
+    assert count > len(loaded.tokenizer(prompt)["input_ids"]) + 10
+    payload = {"prompt": prompt, "images": images, "temperature": 0, "max_new_tokens": 50, "echo": False}
+    worker = start_worker(kind, max_prompt_tokens=count)  # accepted at exactly its length
+    usage = requests.post(worker.url + "/worker_generate", json=payload, timeout=60).json()["usage"]
+    assert usage["prompt_tokens"] == count
+    tight = start_worker(kind, max_prompt_tokens=count - 1)
+    refused = requests.post(tight.url + "/worker_generate", json=payload, timeout=60).json()
+    assert refused["error_code"] != 0 and f"the prompt is {count} tokens long" in refused["text"]

@@ -11,6 +11,7 @@ import av
 import numpy as np
 import openai
 import pytest
+import requests
 import torch
 
 from llava_worker.errors import ImageError
@@ -117,6 +118,8 @@ def test_a_video_model_answers_about_a_video_as_generate_does(start_worker, kind
     expected = video_reference(worker.worker.loaded, question, raw, 4, 10)
     payload = {"prompt": question, "videos": [b64(raw)], "temperature": 0, "max_new_tokens": 10}
     assert worker.generate(payload)[-1] == {"text": question + expected, "error_code": 0}
+    whole = requests.post(worker.url + "/worker_generate", json=payload, timeout=60).json()
+    assert whole["text"] == question + expected and whole["error_code"] == 0
     # The OpenAI route: a video_url part, rendered by the checkpoint's own template.
     client = openai.OpenAI(base_url=worker.url + "/v1", api_key="none")
     messages: Any = [
