@@ -111,7 +111,13 @@ def test_the_length_budget_counts_each_familys_image_tokens_exactly(start_worker
     pil = [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in images]
     count = int(loaded.processor(text=[prompt], images=[pil], return_tensors="pt")["input_ids"].shape[-1])
     assert count > len(loaded.tokenizer(prompt)["input_ids"]) + 10
-    payload = {"prompt": prompt, "images": images, "temperature": 0, "max_new_tokens": 50, "echo": False}
+    payload: dict[str, Any] = {
+        "prompt": prompt,
+        "images": images,
+        "temperature": 0,
+        "max_new_tokens": 50,
+        "echo": False,
+    }
     worker = start_worker(kind, max_prompt_tokens=count)  # accepted at exactly its length
     usage = requests.post(worker.url + "/worker_generate", json=payload, timeout=60).json()["usage"]
     assert usage["prompt_tokens"] == count

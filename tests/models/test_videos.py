@@ -116,7 +116,7 @@ def test_a_video_model_answers_about_a_video_as_generate_does(start_worker, kind
     question, mixed = VIDEO_QUESTIONS[kind]
     raw = make_clip(frames=12)
     expected = video_reference(worker.worker.loaded, question, raw, 4, 10)
-    payload = {"prompt": question, "videos": [b64(raw)], "temperature": 0, "max_new_tokens": 10}
+    payload: dict[str, Any] = {"prompt": question, "videos": [b64(raw)], "temperature": 0, "max_new_tokens": 10}
     assert worker.generate(payload)[-1] == {"text": question + expected, "error_code": 0}
     whole = requests.post(worker.url + "/worker_generate", json=payload, timeout=60).json()
     assert whole["text"] == question + expected and whole["error_code"] == 0
