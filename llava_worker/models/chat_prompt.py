@@ -22,22 +22,20 @@ def render_prompt(loaded: LoadedModel, messages: list[dict[str, Any]], images: i
     except (TemplateError, ValueError) as exc:
         raise InvalidRequestError(f"the model's chat template cannot render these messages: {exc}") from None
     prompt = _without_duplicate_bos(loaded, str(prompt))
-    # The worker's inputs take `<image>` and map it to the model's own image token.
-    image_token = loaded.image_token
-    if image_token and image_token != IMAGE_PLACEHOLDER:
-        prompt = prompt.replace(image_token, IMAGE_PLACEHOLDER)
-    if images and prompt.count(IMAGE_PLACEHOLDER) != images:
+    # The worker's inputs take `<image>` and `<video>` and map them to the model's own tokens.
+    prompt = _with_placeholders(prompt, loaded.image_token, IMAGE_PLACEHOLDER, images, "image")
+    return _with_placeholders(prompt, loaded.video_token, VIDEO_PLACEHOLDER, videos, "video")
+
+
+def _with_placeholders(prompt: str, model_token: str | None, placeholder: str, count: int, noun: str) -> str:
+    """`prompt` with the model's own token written as the worker's `placeholder`; refuses a prompt
+    whose placeholders do not match the `count` media the request sent."""
+    if model_token and model_token != placeholder:
+        prompt = prompt.replace(model_token, placeholder)
+    if count and prompt.count(placeholder) != count:
         raise InvalidRequestError(
-            f"the chat template made {plural(prompt.count(IMAGE_PLACEHOLDER), IMAGE_PLACEHOLDER + ' placeholder')} "
-            f"for {plural(images, 'image')}; message text must not contain {IMAGE_PLACEHOLDER!r}"
-        )
-    video_token = loaded.video_token
-    if video_token and video_token != VIDEO_PLACEHOLDER:
-        prompt = prompt.replace(video_token, VIDEO_PLACEHOLDER)
-    if videos and prompt.count(VIDEO_PLACEHOLDER) != videos:
-        raise InvalidRequestError(
-            f"the chat template made {plural(prompt.count(VIDEO_PLACEHOLDER), VIDEO_PLACEHOLDER + ' placeholder')} "
-            f"for {plural(videos, 'video')}; message text must not contain {VIDEO_PLACEHOLDER!r}"
+            f"the chat template made {plural(prompt.count(placeholder), placeholder + ' placeholder')} "
+            f"for {plural(count, noun)}; message text must not contain {placeholder!r}"
         )
     return prompt
 

@@ -164,22 +164,28 @@ def chat_template(with_images: bool) -> str:
     )
 
 
-def build_tokenizer(
-    seed: int = DEFAULT_SEED, *, with_images: bool = True, extra_special_tokens: dict[str, str] | None = None
-) -> PreTrainedTokenizerFast:
-    """Train a deterministic ~512-token byte-level BPE tokenizer with LLaVA special tokens."""
-    special = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN]
-    backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+def train_byte_level_bpe(seed: int, special_tokens: list[str], unk_token: str | None = None) -> Tokenizer:
+    """A deterministic ~512-token byte-level BPE, trained on the tiny corpus, with `special_tokens` first."""
+    backend = Tokenizer(models.BPE(unk_token=unk_token))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=special,
+        special_tokens=special_tokens,
         # Seeding the full byte alphabet means any input text encodes without <unk>.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(training_corpus(seed), trainer=trainer)
+    return backend
+
+
+def build_tokenizer(
+    seed: int = DEFAULT_SEED, *, with_images: bool = True, extra_special_tokens: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a deterministic ~512-token byte-level BPE tokenizer with LLaVA special tokens."""
+    special = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN]
+    backend = train_byte_level_bpe(seed, special, unk_token=UNK_TOKEN)
     bos_id = backend.token_to_id(BOS_TOKEN)
     # Prepend BOS like Llama so prompts tokenized by the processor match real LLaVA checkpoints.
     backend.post_processor = processors.TemplateProcessing(

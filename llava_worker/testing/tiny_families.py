@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -41,7 +41,6 @@ from llava_worker.testing.tiny import (
     IMAGE_TOKEN,
     MAX_POSITIONS,
     PATCH_SIZE,
-    VOCAB_SIZE,
     _llava_next_image_processor,
     _save,
     _text_config,
@@ -49,7 +48,7 @@ from llava_worker.testing.tiny import (
     build_each_atomically,
     finish_model,
     language_fields,
-    training_corpus,
+    train_byte_level_bpe,
 )
 
 IMAGE_TOKENS_FULL = (IMAGE_SIZE // PATCH_SIZE) ** 2  # SigLIP: every patch, no CLS token
@@ -97,16 +96,7 @@ def family_tokenizer(
     """A byte-level BPE tokenizer with the family's special tokens; a BOS is added only when `bos`."""
     media = [IMAGE_TOKEN, VIDEO_TOKEN] if video else [IMAGE_TOKEN]
     ordered = list(dict.fromkeys([*([bos] if bos else []), eos, pad, *specials, *media]))
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=ordered,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(training_corpus(seed), trainer=trainer)
+    backend = train_byte_level_bpe(seed, ordered)
     if bos:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
@@ -185,6 +175,16 @@ def _siglip_image_processor() -> Any:
     return SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
+def _finish(
+    out_dir: Path, model_class: Any, config: Any, tokenizer: PreTrainedTokenizerFast, processor: Any, seed: int
+) -> Path:
+    """The model of `config`, seeded and finished (see `finish_model`), saved with its processor."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    finish_model(model, tokenizer)
+    return _save(Path(out_dir), model, processor)
+
+
 def _llava_next_on(tokenizer: PreTrainedTokenizerFast, out_dir: Path, seed: int) -> Path:
     config = LlavaNextConfig(
         vision_config=_vision_config(),
@@ -195,9 +195,6 @@ def _llava_next_on(tokenizer: PreTrainedTokenizerFast, out_dir: Path, seed: int)
         vision_feature_layer=-2,
         image_grid_pinpoints=GRID_PINPOINTS,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    finish_model(model, tokenizer)
     processor = LlavaNextProcessor(
         image_processor=_llava_next_image_processor(),
         tokenizer=tokenizer,
@@ -206,7 +203,7 @@ def _llava_next_on(tokenizer: PreTrainedTokenizerFast, out_dir: Path, seed: int)
         vision_feature_select_strategy="default",
         chat_template=tokenizer.chat_template,
     )
-    return _save(Path(out_dir), model, processor)
+    return _finish(out_dir, LlavaNextForConditionalGeneration, config, tokenizer, processor, seed)
 
 
 def build_llava_next_llama3(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
@@ -232,9 +229,6 @@ def build_llava_interleave(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    finish_model(model, tokenizer)
     processor = LlavaProcessor(
         image_processor=_siglip_image_processor(),
         tokenizer=tokenizer,
@@ -243,7 +237,7 @@ def build_llava_interleave(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
         vision_feature_select_strategy="full",
         chat_template=tokenizer.chat_template,
     )
-    return _save(Path(out_dir), model, processor)
+    return _finish(out_dir, LlavaForConditionalGeneration, config, tokenizer, processor, seed)
 
 
 def build_llava_onevision(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
@@ -262,9 +256,6 @@ def build_llava_onevision(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
         vision_aspect_ratio="anyres_max_2",
         image_grid_pinpoints=pinpoints,
     )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config)
-    finish_model(model, tokenizer)
     image_processor = LlavaOnevisionImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=pinpoints
     )
@@ -277,7 +268,7 @@ def build_llava_onevision(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
         vision_aspect_ratio="anyres_max_2",
         chat_template=tokenizer.chat_template,
     )
-    return _save(Path(out_dir), model, processor)
+    return _finish(out_dir, LlavaOnevisionForConditionalGeneration, config, tokenizer, processor, seed)
 
 
 def build_llava_next_video(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
@@ -310,9 +301,6 @@ def build_llava_next_video(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
         vision_feature_layer=-2,
         image_grid_pinpoints=GRID_PINPOINTS,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextVideoForConditionalGeneration(config)
-    finish_model(model, tokenizer)
     processor = LlavaNextVideoProcessor(
         video_processor=LlavaNextVideoVideoProcessor(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -324,7 +312,7 @@ def build_llava_next_video(out_dir: Path, *, seed: int = DEFAULT_SEED) -> Path:
         vision_feature_select_strategy="default",
         chat_template=tokenizer.chat_template,
     )
-    return _save(Path(out_dir), model, processor)
+    return _finish(out_dir, LlavaNextVideoForConditionalGeneration, config, tokenizer, processor, seed)
 
 
 def _vicuna_chat_template() -> str:
@@ -361,7 +349,7 @@ def family_builders() -> dict[str, Any]:
 
 
 #: Bump whenever these checkpoints change, so that caches built by older code are rebuilt.
-FAMILY_BUILD_VERSION = "families-3\n"
+FAMILY_BUILD_VERSION = "families-4\n"
 
 
 def build_family_checkpoints(root: Path, force: bool = False) -> dict[str, Path]:
