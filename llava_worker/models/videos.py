@@ -17,12 +17,6 @@ import numpy as np
 
 from llava_worker.errors import ImageError
 
-#: The container formats a video may be in, as FFmpeg's demuxers are named. The file's signature picks
-#: the demuxer, so FFmpeg never probes for one: playlist and concat demuxers, which open the files
-#: and URLs a file names, are never reached.
-VIDEO_CONTAINERS = ("mp4", "matroska", "avi", "mpegts")
-
-
 @dataclass(frozen=True)
 class VideoLimits:
     max_bytes: int = 32 * 1024 * 1024
@@ -86,7 +80,9 @@ def decode_video(data: str, label: str, limits: VideoLimits) -> np.ndarray:
 
 
 def container_format_of(raw: bytes) -> str | None:
-    """The demuxer for `raw`, by its signature; None for anything else."""
+    """The FFmpeg demuxer for `raw` (mp4, matroska, avi or mpegts), by its signature; None for anything
+    else. Naming the demuxer means FFmpeg never probes for one, so its playlist and concat demuxers,
+    which open the files and URLs a file names, are never reached."""
     if raw[4:8] == b"ftyp" or raw[4:8] in (b"moov", b"mdat", b"wide", b"free"):
         return "mp4"
     if raw[:4] == b"\x1a\x45\xdf\xa3":
