@@ -17,6 +17,7 @@ import numpy as np
 
 from llava_worker.errors import ImageError
 
+
 @dataclass(frozen=True)
 class VideoLimits:
     max_bytes: int = 32 * 1024 * 1024
