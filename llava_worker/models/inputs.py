@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,14 +45,18 @@ class PreparedInputs:
 
     def on_device(self, device: torch.device) -> PreparedInputs:
         """The same inputs on `device` (the images' tower inputs too)."""
+        return self._converted(lambda tensor: tensor.to(device))
+
+    def _converted(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> PreparedInputs:
+        """The same inputs with `convert` applied to every tensor, the images' tower inputs included."""
+
+        def each(values: dict[str, Any]) -> dict[str, Any]:
+            return {name: convert(v) if isinstance(v, torch.Tensor) else v for name, v in values.items()}
+
         spans = self.images
         if spans:
-            spans = tuple(
-                replace(span, pixels={name: _moved(value, device) for name, value in span.pixels.items()})
-                for span in spans
-            )
-        tensors = {name: _moved(value, device) for name, value in self.tensors.items()}
-        return replace(self, tensors=tensors, images=spans)
+            spans = tuple(replace(span, pixels=each(span.pixels)) for span in spans)
+        return replace(self, tensors=each(self.tensors), images=spans)
 
 
 def prepare_inputs(
@@ -95,19 +101,14 @@ def prepare_inputs(
         except (ValueError, OSError) as exc:
             raise ImageError(f"the images could not be prepared for the model: {exc}") from None
         tensors = dict(encoded)
-    spans = image_spans(loaded.model, tensors)
-    if spans:
-        spans = tuple(
-            replace(span, pixels={name: _in_model_dtype(value, loaded) for name, value in span.pixels.items()})
-            for span in spans
-        )
-    tensors = {name: _in_model_dtype(value, loaded) for name, value in tensors.items()}
     prompt_tokens = int(tensors["input_ids"].shape[-1])
     if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
         raise InvalidRequestError(
             f"the prompt is {prompt_tokens} tokens long (image tokens included); at most {max_prompt_tokens} accepted"
         )
-    return PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens, images=spans)
+    inputs = PreparedInputs(tensors=tensors, prompt_tokens=prompt_tokens, images=image_spans(loaded.model, tensors))
+    # Floating point inputs in the model's dtype, still in host memory (see `on_device`).
+    return inputs._converted(lambda tensor: tensor.to(loaded.dtype) if tensor.is_floating_point() else tensor)
 
 
 def _per_prompt(loaded: LoadedModel, images: list[Any]) -> list[Any] | None:
@@ -147,9 +148,7 @@ def _decode_videos(
     encoded: tuple[str, ...], limits: VideoLimits, decoders: threading.Semaphore | None
 ) -> list[np.ndarray]:
     # Decoding shares the image decoders' places: a burst of videos cannot take every core either.
-    if decoders is None:
-        return decode_videos(encoded, limits)
-    with decoders:
+    with decoders or contextlib.nullcontext():
         return decode_videos(encoded, limits)
 
 
@@ -175,14 +174,3 @@ def _check_image_count(loaded: LoadedModel, prompt: str, images: int) -> None:
             f"{plural(images, 'image')} given, but the prompt has "
             f"{plural(placeholders, IMAGE_PLACEHOLDER + ' placeholder')}"
         )
-
-
-def _in_model_dtype(value: Any, loaded: LoadedModel) -> Any:
-    """A floating point tensor in the model's dtype; anything else as it is."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(loaded.dtype)
-    return value
-
-
-def _moved(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+#: The model classes whose forward reads video frames.
+_VIDEO_MODELS = (LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration)
 
 
 @dataclass
@@ -30,11 +38,8 @@ class LoadedModel:
     def takes_videos(self) -> bool:
         """Whether the model reads videos (LLaVA-OneVision, LLaVA-NeXT-Video): frames through its
         video processor, in place of its video token."""
-        from transformers import LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration
-
-        video_models = (LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration)
         return (
-            isinstance(self.model, video_models)
+            isinstance(self.model, _VIDEO_MODELS)
             and getattr(self.processor, "video_processor", None) is not None
             and self.video_token is not None
         )
